@@ -1,0 +1,120 @@
+"""Model profiles: one place that says which networks, sizes and defaults each profile uses.
+
+Every stage (encoders, personalization, distillation, export, runtime) reads its settings from
+here so that `tiny` (tests/CI), `lite` (real scores on any CPU) and `sd15` (production on GPU)
+differ only in data, never in code paths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+PROFILE_NAMES = ("tiny", "lite", "sd15")
+BRANCHES = ("personalized", "pool", "text")
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """The vision (and optionally text) encoder used for scoring."""
+
+    kind: str  # "open_clip" | "efficientnet_lite0"
+    image_size: int  # square input side in pixels
+    model_name: str = ""  # open_clip model name, or a tiny built-in config name
+    checkpoint: str = ""  # local checkpoint path ("" = seeded init for tiny / bundled weights)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DiffusionSpec:
+    """The diffusion model that is personalized, distilled and run by the transform."""
+
+    kind: str  # "tiny" | "lite" | "sd15"
+    image_size: int  # pixel side the diffusion model works at
+    strength: float = 0.3  # SDEdit noise strength of the one-to-normal transform
+    steps: int = 4  # few-step (LCM) denoising steps of the distilled model
+    personalize_steps: int = 200  # default personalization budget (optimizer steps)
+    distill_steps: int = 200  # default consistency-distillation budget
+    pool_size: int = 8  # generated anomaly-free images added to the memory bank
+    base_model: str = ""  # sd15: local diffusers checkpoint dir
+    lcm_lora: str = ""  # sd15: local LCM-LoRA path
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Everything a profile fixes; CLI options override single fields via :func:`dataclasses.replace`."""
+
+    name: str
+    encoder: EncoderSpec
+    diffusion: DiffusionSpec
+    # Fusion weights of the triplet branches (DESIGN.md: the paper's 1.0 / 0.5).
+    weights: dict[str, float] = field(
+        default_factory=lambda: {"personalized": 1.0, "pool": 1.0, "text": 0.5}
+    )
+    has_text: bool = True
+    topk_fraction: float = 0.01  # image score = mean of the top 1% of the fused map
+    global_weight: float = 0.5  # weight of the global-feature score in the image score
+    smoothing_sigma: float = 4.0  # gaussian sigma (pixels at image size) for anomaly maps
+    prompt_template: str = "a photo of sks {category}"
+
+    @property
+    def branches(self) -> tuple[str, ...]:
+        """Every branch this profile can run (text only where the encoder has a text tower)."""
+        return tuple(b for b in BRANCHES if b != "text" or self.has_text)
+
+
+PROFILES: dict[str, Profile] = {
+    "tiny": Profile(
+        name="tiny",
+        encoder=EncoderSpec(kind="open_clip", image_size=64, model_name="tiny"),
+        diffusion=DiffusionSpec(
+            kind="tiny", image_size=32, steps=2, strength=0.5, personalize_steps=30,
+            distill_steps=20, pool_size=4,
+        ),
+        has_text=True,
+    ),
+    "lite": Profile(
+        name="lite",
+        encoder=EncoderSpec(kind="efficientnet_lite0", image_size=224),
+        diffusion=DiffusionSpec(
+            kind="lite", image_size=64, steps=4, strength=0.5, personalize_steps=1500,
+            distill_steps=500, pool_size=16,
+        ),
+        has_text=False,
+    ),
+    "sd15": Profile(
+        name="sd15",
+        encoder=EncoderSpec(kind="open_clip", image_size=240, model_name="ViT-B-16-plus-240"),
+        diffusion=DiffusionSpec(
+            kind="sd15", image_size=512, steps=4, strength=0.3, personalize_steps=800,
+            distill_steps=1000, pool_size=30,
+        ),
+        has_text=True,
+    ),
+}
+
+
+def get_profile(name: str, **overrides: object) -> Profile:
+    """Look up a profile by name; unknown names are a clear error listing the valid ones."""
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}: choose one of {', '.join(PROFILE_NAMES)}")
+    profile = PROFILES[name]
+    return replace(profile, **overrides) if overrides else profile
+
+
+def parse_branches(text: str | None, profile: Profile) -> tuple[str, ...]:
+    """Parse `--branches` (comma list); default = every branch the profile has."""
+    if not text:
+        return profile.branches
+    chosen = tuple(dict.fromkeys(b.strip() for b in text.split(",") if b.strip()))
+    for b in chosen:
+        if b not in BRANCHES:
+            raise ValueError(f"unknown branch {b!r}: choose from {', '.join(BRANCHES)}")
+        if b not in profile.branches:
+            raise ValueError(
+                f"branch {b!r} is not available with profile {profile.name!r} "
+                f"(it has {', '.join(profile.branches)})"
+            )
+    if not chosen:
+        raise ValueError("--branches is empty")
+    return chosen
