@@ -1,1 +1,51 @@
-"""Package."""
+"""Data sets, image decoding and k-shot sampling (numpy + pillow only: the runtime reuses the decoder)."""
+
+from o2n_edge.data.datasets import (
+    DATASETS,
+    ENV_DATA,
+    IMAGE_SUFFIXES,
+    TEXTILE_TEST_DEFECT,
+    TEXTILE_TEST_GOOD,
+    TEXTILE_TRAIN,
+    TEXTILE_VAL_GOOD,
+    Dataset,
+    DatasetError,
+    Sample,
+    detect_layout,
+    list_categories,
+    list_images,
+    load_dataset,
+)
+from o2n_edge.data.images import (
+    MAX_PIXELS,
+    MIN_SIDE,
+    ImageError,
+    decode_image,
+    load_image,
+    load_mask,
+)
+from o2n_edge.data.sampling import sample_shots
+
+__all__ = [
+    "DATASETS",
+    "ENV_DATA",
+    "IMAGE_SUFFIXES",
+    "MAX_PIXELS",
+    "MIN_SIDE",
+    "TEXTILE_TEST_DEFECT",
+    "TEXTILE_TEST_GOOD",
+    "TEXTILE_TRAIN",
+    "TEXTILE_VAL_GOOD",
+    "Dataset",
+    "DatasetError",
+    "ImageError",
+    "Sample",
+    "decode_image",
+    "detect_layout",
+    "list_categories",
+    "list_images",
+    "load_dataset",
+    "load_image",
+    "load_mask",
+    "sample_shots",
+]

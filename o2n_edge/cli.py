@@ -1,0 +1,124 @@
+"""The `o2n-edge` command line: a thin typer layer over plain library functions.
+
+Heavy imports (torch, diffusers, open_clip) happen inside the commands that need them, so the
+base install (runtime + server) starts fast and a missing extra is named, not a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from o2n_edge._lazy import MissingExtraError
+
+app = typer.Typer(
+    name="o2n-edge",
+    help="Few-shot visual anomaly detection (One-to-Normal) for production lines: "
+    "personalize, distil, export, and serve.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, MissingExtraError, NotADirectoryError)
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print a one-line error to stderr and exit; users see what is wrong, not a traceback."""
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def parse_int_list(text: str, what: str) -> list[int]:
+    """'1,2,4' -> [1, 2, 4] with a clear error naming the option."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        fail(f"{what} must be a comma list of integers, got {text!r}")
+    if not values:
+        fail(f"{what} is empty")
+    return values
+
+
+def write_json(path: Path, doc: dict) -> None:
+    """Atomic JSON write: a crash never leaves half a result file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+DataOpt = typer.Option(None, "--data", envvar="O2N_DATA", help="Data set root directory (default: $O2N_DATA). Not needed for --dataset textile.")
+DatasetOpt = typer.Option("auto", "--dataset", help="Layout: auto (detect), mvtec, visa, folder, or textile (the built-in demo set, needs o2n-edge[demo]).")
+ProfileOpt = typer.Option("lite", "--profile", help="Model profile: tiny (tests), lite (CPU, real scores), sd15 (GPU production).")
+
+
+@app.command("eval")
+def eval_cmd(
+    data: Optional[Path] = DataOpt,
+    dataset: str = DatasetOpt,
+    category: Optional[str] = typer.Option(None, "--category", help="Category to evaluate (e.g. hazelnut, pcb); 'textile' for the demo set."),
+    shots: str = typer.Option("1,2,4", "--shots", help="Comma list of shot counts k (normal training images used)."),
+    seeds: str = typer.Option("0,1,2", "--seeds", help="Comma list of seeds; each seed draws different shots."),
+    profile: str = ProfileOpt,
+    branches: Optional[str] = typer.Option(None, "--branches", help="Comma list of personalized, pool, text (default: every branch the profile has that needs no personalized run, or all with --run/--personalize)."),
+    run: Optional[Path] = typer.Option(None, "--run", help="A personalized run directory (from `o2n-edge personalize`), used for every shots/seed."),
+    personalize: bool = typer.Option(False, "--personalize", help="Personalize and distil on the fly for every shots/seed (slow: minutes per run on CPU)."),
+    pool_size: Optional[int] = typer.Option(None, "--pool-size", help="Generated images added to the memory bank (0 = shots only; default: the profile's)."),
+    split_csv: Optional[Path] = typer.Option(None, "--split-csv", help="VisA official split csv (default: <data>/split_csv/1cls.csv when present)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result document (per run and mean ± std) to this JSON file."),
+    markdown_out: Optional[Path] = typer.Option(None, "--markdown", help="Also write the table as markdown to this file."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars on stderr."),
+) -> None:
+    """Few-shot evaluation: image AUROC/AP/F1-max (and pixel AUROC/PRO where masks exist), mean ± std over seeds."""
+    try:
+        from o2n_edge.data import load_dataset
+        from o2n_edge.evaluation import evaluate
+        from o2n_edge.profiles import get_profile, parse_branches
+        from o2n_edge.report import markdown_table, print_table
+
+        if dataset == "textile" and category is None:
+            category = "textile"
+        if category is None:
+            fail("--category is required (e.g. --category hazelnut), except with --dataset textile")
+        prof = get_profile(profile)
+        personalized_run = run is not None or personalize
+        default_branches = prof.branches if personalized_run else tuple(b for b in prof.branches if b != "personalized")
+        chosen = parse_branches(branches, prof) if branches else default_branches
+        ds = load_dataset(data, None if dataset == "auto" else dataset, category, split_csv=split_csv)
+        provider = None
+        if personalized_run:
+            from o2n_edge.personalized_eval import make_normal_provider
+
+            provider = make_normal_provider(ds, prof, run_dir=run, pool_size=pool_size, progress=progress)
+        elif "personalized" in chosen:
+            fail("--branches personalized needs --run RUN_DIR or --personalize")
+        result = evaluate(ds, prof, parse_int_list(shots, "--shots"), parse_int_list(seeds, "--seeds"), chosen,
+                          normal_provider=provider, progress=progress)
+    except typer.Exit:
+        raise
+    except USER_ERRORS as exc:
+        fail(str(exc))
+    print_table([result])
+    if json_out:
+        write_json(json_out, result)
+        typer.echo(f"wrote {json_out}")
+    if markdown_out:
+        markdown_out.parent.mkdir(parents=True, exist_ok=True)
+        markdown_out.write_text(markdown_table([result]))
+        typer.echo(f"wrote {markdown_out}")
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,175 @@
+"""Few-shot evaluation: shots x seeds on one category, metrics per run and mean ± std per shot count.
+
+The test set is encoded once and reused for every (shots, seed) pair: the encoder is fixed, only
+the reference built from the shots changes. Personalized runs (one per shots/seed) plug in via
+:class:`NormalProvider`, so the diffusion-free baseline and the full method share this loop.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+
+from o2n_edge.data import Dataset, load_image, load_mask, sample_shots
+from o2n_edge.metrics import compute_metrics, mean_std
+from o2n_edge.profiles import Profile
+from o2n_edge.progress import progress_iter
+from o2n_edge.scoring import ScoringConfig, augment_views, build_reference, score
+
+METRIC_KEYS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_pro")
+SCORE_BATCH = 16
+
+
+class NormalProvider(Protocol):
+    """Per (shots, seed): the generated pool and the normal versions of shots and test images."""
+
+    def __call__(self, shot_paths: list, shots: int, seed: int) -> "PersonalizedViews":
+        ...
+
+
+@dataclass
+class PersonalizedViews:
+    """Images a personalized run contributes (uint8 arrays at any size; they are re-encoded)."""
+
+    pool: np.ndarray | None = None  # (N,H,W,3) generated anomaly-free images
+    normal_of: Callable[[np.ndarray], np.ndarray] | None = None  # batch of queries -> normal versions
+    info: dict = field(default_factory=dict)  # wall times etc., copied into the run record
+
+
+def text_features_for(encoder, category: str) -> np.ndarray:
+    """(2, G) normalized mean embeddings of the normal and anomalous prompt ensembles."""
+    from o2n_edge.prompts import prompt_ensemble
+
+    rows = []
+    for anomalous in (False, True):
+        t = encoder.encode_text(prompt_ensemble(category, anomalous)).detach().double().mean(0)
+        rows.append((t / t.norm()).float().numpy())
+    return np.stack(rows)
+
+
+def _encode(encoder, images: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    from o2n_edge.encoders import encode_images
+
+    return encode_images(encoder, list(images))
+
+
+def evaluate(
+    dataset: Dataset,
+    profile: Profile,
+    shots_list: Sequence[int],
+    seeds: Sequence[int],
+    branches: Sequence[str],
+    normal_provider: NormalProvider | None = None,
+    progress: bool = True,
+    encoder=None,
+) -> dict:
+    """Run the few-shot protocol and return the result document (JSON-ready)."""
+    from o2n_edge.encoders import build_encoder
+
+    t_start = time.perf_counter()
+    config = ScoringConfig.from_profile(profile, tuple(branches))
+    if "personalized" in config.branches and normal_provider is None:
+        raise ValueError("the personalized branch needs a personalized run (--run or on-the-fly personalization)")
+    encoder = encoder if encoder is not None else build_encoder(profile.encoder)
+    size = encoder.image_size
+
+    samples = dataset.test
+    labels = np.array([s.label for s in samples], dtype=np.int64)
+    images = [load_image(s.path, size) for s in progress_iter(samples, "load test images", progress)]
+    masks = None
+    if dataset.has_masks:
+        masks = np.stack([load_mask(s.mask_path, (size, size)) for s in samples])
+    test_feats = _encode_batched(encoder, images, "encode test images", progress)
+    text_features = text_features_for(encoder, dataset.category) if "text" in config.branches else None
+
+    runs = []
+    for k in shots_list:
+        for seed in seeds:
+            t_run = time.perf_counter()
+            shot_paths = sample_shots(dataset.train_good, k, seed)
+            shot_imgs = [load_image(p, size) for p in shot_paths]
+            shot_feats = [_encode(encoder, augment_views(im)) for im in shot_imgs]
+            pool_feats = shot_normal = None
+            normal_of = None
+            info: dict = {}
+            if normal_provider is not None:
+                views = normal_provider(shot_paths, k, seed)
+                info = dict(views.info)
+                if views.pool is not None and "pool" in config.branches:
+                    pool_feats = _encode(encoder, [_resize(im, size) for im in views.pool])
+                normal_of = views.normal_of
+                if "personalized" in config.branches:
+                    assert normal_of is not None, "the run gives no normal versions"
+                    shot_normal = _encode(encoder, [_resize(im, size) for im in normal_of(np.stack(shot_imgs))])
+            reference = build_reference(shot_feats, config, text_features, pool_feats, shot_normal)
+            scores, maps = [], []
+            for start in progress_iter(range(0, len(samples), SCORE_BATCH), f"score k={k} seed={seed}", progress):
+                idx = slice(start, start + SCORE_BATCH)
+                batch = {key: v[idx] for key, v in test_feats.items()}
+                normal_feats = None
+                if "personalized" in config.branches:
+                    normals = normal_of(np.stack(images[idx]))
+                    normal_feats = _encode(encoder, [_resize(im, size) for im in normals])
+                res = score(batch, reference, config, normal_feats)
+                scores.append(res.scores)
+                maps.append(res.maps)
+            all_scores = np.concatenate(scores)
+            all_maps = np.concatenate(maps) if masks is not None else None
+            metrics = compute_metrics(labels, all_scores, masks, all_maps)
+            runs.append({
+                "shots": k,
+                "seed": seed,
+                "shot_images": [str(p.name) for p in shot_paths],
+                **metrics,
+                **info,
+                "wall_s": round(time.perf_counter() - t_run, 3),
+            })
+    return {
+        "dataset": dataset.name,
+        "category": dataset.category,
+        "profile": profile.name,
+        "branches": list(config.branches),
+        "pool_size": (profile.diffusion.pool_size if normal_provider is not None else 0),
+        "num_test": len(samples),
+        "num_anomalous": int(labels.sum()),
+        "runs": runs,
+        "summary": summarize(runs),
+        "wall_s": round(time.perf_counter() - t_start, 3),
+    }
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    """Mean ± std over seeds per shot count (population std; None where a metric is missing)."""
+    out = []
+    for k in sorted({r["shots"] for r in runs}):
+        group = [r for r in runs if r["shots"] == k]
+        row: dict = {"shots": k, "seeds": [r["seed"] for r in group]}
+        for key in METRIC_KEYS:
+            vals = [r[key] for r in group if r.get(key) is not None]
+            if vals:
+                m, s = mean_std(vals)
+                row[key] = {"mean": m, "std": s}
+            else:
+                row[key] = None
+        row["wall_s"] = round(sum(r["wall_s"] for r in group), 3)
+        out.append(row)
+    return out
+
+
+def _encode_batched(encoder, images: list[np.ndarray], label: str, progress: bool) -> dict[str, np.ndarray]:
+    parts: list[dict[str, np.ndarray]] = []
+    for start in progress_iter(range(0, len(images), SCORE_BATCH), label, progress):
+        parts.append(_encode(encoder, images[start : start + SCORE_BATCH]))
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _resize(image: np.ndarray, size: int) -> np.ndarray:
+    """Square resize through PIL, the same path the loaders use."""
+    if image.shape[0] == size and image.shape[1] == size:
+        return image
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))

@@ -1,0 +1,59 @@
+"""Result tables: the same figures as a rich table (terminal) and a markdown table (files)."""
+
+from __future__ import annotations
+
+from o2n_edge.evaluation import METRIC_KEYS
+
+HEADERS = {
+    "image_auroc": "image AUROC",
+    "image_ap": "image AP",
+    "image_f1max": "image F1-max",
+    "pixel_auroc": "pixel AUROC",
+    "pixel_pro": "PRO (0.3)",
+}
+
+
+def fmt(cell: dict | None) -> str:
+    """'mean ± std' in percent, or '—' where the metric does not exist (no masks)."""
+    if cell is None:
+        return "—"
+    return f"{100 * cell['mean']:.1f} ± {100 * cell['std']:.1f}"
+
+
+def rows(result: dict) -> list[list[str]]:
+    """One row per shot count: dataset, category, shots, seeds, metrics, wall time."""
+    out = []
+    for s in result["summary"]:
+        out.append([
+            result["dataset"], result["category"], result["profile"], "+".join(result["branches"]),
+            str(s["shots"]), ",".join(str(x) for x in s["seeds"]),
+            *[fmt(s[k]) for k in METRIC_KEYS], f"{s['wall_s']:.0f}",
+        ])
+    return out
+
+
+def columns() -> list[str]:
+    return ["dataset", "category", "profile", "branches", "shots", "seeds", *[HEADERS[k] for k in METRIC_KEYS], "wall s"]
+
+
+def markdown_table(results: list[dict]) -> str:
+    """A markdown table of several result documents (percent, mean ± std over seeds)."""
+    lines = ["| " + " | ".join(columns()) + " |", "|" + "---|" * len(columns())]
+    for r in results:
+        for row in rows(r):
+            lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def print_table(results: list[dict]) -> None:
+    """Rich table on stdout."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="few-shot anomaly detection (percent, mean ± std over seeds)")
+    for c in columns():
+        table.add_column(c)
+    for r in results:
+        for row in rows(r):
+            table.add_row(*row)
+    Console().print(table)

@@ -1,0 +1,328 @@
+"""Reference triplet contrastive scoring in torch (the runtime's numpy port must match it).
+
+Three branches each give a patch-level map and a global score:
+
+- ``pool``: query patches vs a memory bank of the shots' patch features (plus, after
+  personalization, those of generated anomaly-free images); nearest-neighbour L2 distance.
+- ``personalized``: query patches vs the patches of the query's own normal version, tolerant to
+  small misalignment (min over a (2r+1)^2 neighbourhood).
+- ``text``: WinCLIP-style: softmax over the similarities to the normal / anomalous prompt
+  ensembles, only when the encoder has a text tower.
+
+Each map and global score is standardized with constants measured on good reference images
+(the shots), so the fusion weights mean the same thing for every category; the fused map is
+upsampled to the image size and smoothed, and the image score is its top-k mean plus the
+weighted fused global score. Every constant lives in :class:`Reference`, which the export
+writes into the bundle: nothing stays behind in Python.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from o2n_edge.profiles import BRANCHES, Profile
+
+KNN_CHUNK = 2048  # query patches per chunk of the nearest-neighbour search (bounds memory)
+TEXT_LOGIT_SCALE = 100.0  # CLIP's logit scale, as WinCLIP uses it
+NORM_EPS = 1e-6  # floor of a branch's standardization scale
+DEFAULT_NORM = (0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    """How maps are fused into an image score; all of it is exported into the bundle."""
+
+    branches: tuple[str, ...]
+    weights: dict[str, float]
+    image_size: int
+    topk_fraction: float = 0.01
+    global_weight: float = 0.5
+    smoothing_sigma: float = 4.0
+    neighborhood: int = 1  # personalized branch: tolerance radius in patches
+
+    def __post_init__(self) -> None:
+        assert self.branches, "at least one branch is needed"
+        for b in self.branches:
+            assert b in BRANCHES, f"unknown branch {b}"
+            assert self.weights.get(b, 0.0) > 0, f"branch {b} needs a positive weight"
+
+    @classmethod
+    def from_profile(cls, profile: Profile, branches: tuple[str, ...]) -> "ScoringConfig":
+        """The profile's defaults restricted to the chosen branches."""
+        return cls(
+            branches=tuple(branches),
+            weights={b: profile.weights[b] for b in branches},
+            image_size=profile.encoder.image_size,
+            topk_fraction=profile.topk_fraction,
+            global_weight=profile.global_weight,
+            smoothing_sigma=profile.smoothing_sigma,
+        )
+
+    def to_dict(self) -> dict:
+        """Plain data for the bundle manifest."""
+        return {
+            "branches": list(self.branches),
+            "weights": dict(self.weights),
+            "image_size": self.image_size,
+            "topk_fraction": self.topk_fraction,
+            "global_weight": self.global_weight,
+            "smoothing_sigma": self.smoothing_sigma,
+            "neighborhood": self.neighborhood,
+        }
+
+
+@dataclass
+class Reference:
+    """What the good images contribute: memory banks, text features, standardization constants."""
+
+    memory_bank: np.ndarray  # (M, D) patch features of shots (+ pool)
+    global_bank: np.ndarray  # (S, G) global features of shots (+ pool)
+    text_features: np.ndarray | None = None  # (2, G): normal, anomalous; L2-normalized
+    norm: dict[str, tuple[float, float]] = field(default_factory=dict)  # key -> (center, scale)
+
+    def norm_of(self, key: str) -> tuple[float, float]:
+        return self.norm.get(key, DEFAULT_NORM)
+
+
+@dataclass
+class ScoreResult:
+    """Scores of a batch: image scores, fused maps at image size, and each branch's raw grid map."""
+
+    scores: np.ndarray  # (B,)
+    maps: np.ndarray  # (B, S, S) fused, standardized, upsampled and smoothed
+    branch_maps: dict[str, np.ndarray]  # branch -> (B, h, w) raw, before standardization
+    global_scores: dict[str, np.ndarray]  # branch -> (B,) raw
+
+
+# ----------------------------------------------------------------------------- branch maps
+
+
+def _t(x: np.ndarray | torch.Tensor) -> torch.Tensor:
+    return x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+
+
+def knn_distance(queries: torch.Tensor, bank: torch.Tensor, chunk: int = KNN_CHUNK) -> torch.Tensor:
+    """Nearest-neighbour L2 distance of each query row to the bank, chunked to bound memory."""
+    assert queries.ndim == 2 and bank.ndim == 2 and queries.shape[1] == bank.shape[1]
+    out = []
+    for start in range(0, queries.shape[0], chunk):
+        d = torch.cdist(queries[start : start + chunk].double(), bank.double())
+        out.append(d.min(dim=1).values)
+    return torch.cat(out).float()
+
+
+def pool_map(patch: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """(B,h,w,D) -> (B,h,w) distance to the nearest memory-bank patch."""
+    b, h, w, d = patch.shape
+    return knn_distance(patch.reshape(-1, d), bank).reshape(b, h, w)
+
+
+def personalized_map(patch: torch.Tensor, normal_patch: torch.Tensor, radius: int) -> torch.Tensor:
+    """(B,h,w,D) x (B,h,w,D) -> (B,h,w): min distance to the normal version's nearby patches.
+
+    The normal version is regenerated from noise, so it can be shifted by a patch; taking the
+    minimum over a small neighbourhood keeps that from reading as an anomaly.
+    """
+    assert patch.shape == normal_patch.shape
+    b, h, w, _ = patch.shape
+    best = torch.full((b, h, w), math.inf, dtype=torch.float64)
+    q = patch.double()
+    n = normal_patch.double()
+    for di in range(-radius, radius + 1):
+        for dj in range(-radius, radius + 1):
+            qi0, qi1 = max(0, -di), min(h, h - di)
+            qj0, qj1 = max(0, -dj), min(w, w - dj)
+            diff = q[:, qi0:qi1, qj0:qj1] - n[:, qi0 + di : qi1 + di, qj0 + dj : qj1 + dj]
+            dist = diff.pow(2).sum(-1).sqrt()
+            best[:, qi0:qi1, qj0:qj1] = torch.minimum(best[:, qi0:qi1, qj0:qj1], dist)
+    return best.float()
+
+
+def text_probability(features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+    """(..., G) -> (...): probability of the anomalous prompt ensemble (WinCLIP)."""
+    f = F.normalize(features.double(), dim=-1)
+    logits = TEXT_LOGIT_SCALE * f @ text_features.double().T
+    return torch.softmax(logits, dim=-1)[..., 1].float()
+
+
+def cosine_distance_to_bank(g: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """(B,G) x (S,G) -> (B,): 1 - the best cosine similarity."""
+    sim = F.normalize(g.double(), dim=-1) @ F.normalize(bank.double(), dim=-1).T
+    return (1.0 - sim.max(dim=1).values).float()
+
+
+# ----------------------------------------------------------------------------- maps -> scores
+
+
+def gaussian_kernel1d(sigma: float) -> np.ndarray:
+    """Normalized 1-D gaussian with scipy's default truncation (4 sigma)."""
+    radius = int(4.0 * sigma + 0.5)
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    k = np.exp(-0.5 * (x / sigma) ** 2)
+    return (k / k.sum()).astype(np.float32)
+
+
+def upsample_and_smooth(grid_map: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
+    """(B,h,w) -> (B,size,size): bilinear (align_corners=False), then separable gaussian (reflect)."""
+    x = F.interpolate(grid_map[:, None].float(), size=(size, size), mode="bilinear", align_corners=False)
+    if sigma > 0:
+        k = torch.from_numpy(gaussian_kernel1d(sigma))
+        r = (k.numel() - 1) // 2
+        x = F.pad(x, (r, r, 0, 0), mode="reflect")
+        x = F.conv2d(x, k.view(1, 1, 1, -1))
+        x = F.pad(x, (0, 0, r, r), mode="reflect")
+        x = F.conv2d(x, k.view(1, 1, -1, 1))
+    return x[:, 0]
+
+
+def topk_mean(maps: torch.Tensor, fraction: float) -> torch.Tensor:
+    """(B,S,S) -> (B,): mean of the top `fraction` of pixels (at least one)."""
+    flat = maps.reshape(maps.shape[0], -1)
+    k = max(1, int(round(fraction * flat.shape[1])))
+    return flat.topk(k, dim=1).values.mean(dim=1)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def branch_outputs(
+    feats: dict[str, np.ndarray],
+    reference: Reference,
+    config: ScoringConfig,
+    normal_feats: dict[str, np.ndarray] | None = None,
+    exclude_bank_rows: slice | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Raw (unstandardized) grid maps and global scores of every active branch."""
+    maps: dict[str, torch.Tensor] = {}
+    globals_: dict[str, torch.Tensor] = {}
+    patch = _t(feats["patch"]).float()
+    glob = _t(feats["global"]).float()
+    if "pool" in config.branches:
+        bank = _t(reference.memory_bank).float()
+        gbank = _t(reference.global_bank).float()
+        maps["pool"] = pool_map(patch, bank)
+        globals_["pool"] = cosine_distance_to_bank(glob, gbank)
+    if "personalized" in config.branches:
+        if normal_feats is None:
+            raise ValueError("the personalized branch needs the normal versions' features")
+        maps["personalized"] = personalized_map(patch, _t(normal_feats["patch"]).float(), config.neighborhood)
+        ng = _t(normal_feats["global"]).float()
+        globals_["personalized"] = 1.0 - F.cosine_similarity(glob.double(), ng.double(), dim=-1).float()
+    if "text" in config.branches:
+        if reference.text_features is None or "patch_text" not in feats:
+            raise ValueError("the text branch needs an encoder with a text tower")
+        tf = _t(reference.text_features).float()
+        maps["text"] = text_probability(_t(feats["patch_text"]).float(), tf)
+        globals_["text"] = text_probability(glob, tf)
+    return maps, globals_
+
+
+def fuse(
+    maps: dict[str, torch.Tensor], globals_: dict[str, torch.Tensor], reference: Reference, config: ScoringConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Standardize and weight-average the branches: (B,h,w) fused grid map and (B,) fused global."""
+    total = sum(config.weights[b] for b in config.branches)
+    fused_map = 0.0
+    fused_global = 0.0
+    for b in config.branches:
+        c, s = reference.norm_of(b)
+        gc, gs = reference.norm_of(f"global_{b}")
+        w = config.weights[b] / total
+        fused_map = fused_map + w * (maps[b] - c) / s
+        fused_global = fused_global + w * (globals_[b] - gc) / gs
+    return fused_map, fused_global  # type: ignore[return-value]
+
+
+def score(
+    feats: dict[str, np.ndarray],
+    reference: Reference,
+    config: ScoringConfig,
+    normal_feats: dict[str, np.ndarray] | None = None,
+) -> ScoreResult:
+    """Score a batch of encoded queries (encoder outputs as numpy arrays)."""
+    with torch.inference_mode():
+        maps, globals_ = branch_outputs(feats, reference, config, normal_feats)
+        fused_map, fused_global = fuse(maps, globals_, reference, config)
+        full = upsample_and_smooth(fused_map, config.image_size, config.smoothing_sigma)
+        image = topk_mean(full, config.topk_fraction) + config.global_weight * fused_global
+    return ScoreResult(
+        scores=image.numpy().astype(np.float64),
+        maps=full.numpy(),
+        branch_maps={k: v.numpy() for k, v in maps.items()},
+        global_scores={k: v.numpy() for k, v in globals_.items()},
+    )
+
+
+def _standardization(values: list[torch.Tensor]) -> tuple[float, float]:
+    v = torch.cat([x.reshape(-1).double() for x in values])
+    return float(v.mean()), float(max(float(v.std(unbiased=False)), NORM_EPS))
+
+
+def build_reference(
+    shot_feats: list[dict[str, np.ndarray]],
+    config: ScoringConfig,
+    text_features: np.ndarray | None = None,
+    pool_feats: dict[str, np.ndarray] | None = None,
+    shot_normal_feats: dict[str, np.ndarray] | None = None,
+) -> Reference:
+    """Memory banks and standardization constants from the shots.
+
+    ``shot_feats[i]`` holds the encoder outputs of shot i's augmented views, the un-augmented
+    view first. The standardization of the pool branch is measured leave-one-shot-out (each
+    shot's original view against the other shots' views; with a single shot, against its own
+    augmented views), so the constants describe the distance of an unseen good image, not zero.
+    """
+    assert shot_feats, "at least one shot is needed"
+    bank = np.concatenate([f["patch"].reshape(-1, f["patch"].shape[-1]) for f in shot_feats])
+    gbank = np.concatenate([f["global"] for f in shot_feats])
+    if pool_feats is not None:
+        bank = np.concatenate([bank, pool_feats["patch"].reshape(-1, bank.shape[1])])
+        gbank = np.concatenate([gbank, pool_feats["global"]])
+    ref = Reference(memory_bank=bank.astype(np.float32), global_bank=gbank.astype(np.float32),
+                    text_features=None if text_features is None else text_features.astype(np.float32))
+    originals = {k: np.stack([f[k][0] for f in shot_feats]) for k in shot_feats[0]}
+    with torch.inference_mode():
+        if "pool" in config.branches:
+            loo_maps, loo_globals = [], []
+            for i, f in enumerate(shot_feats):
+                if len(shot_feats) > 1:
+                    others = [g for j, g in enumerate(shot_feats) if j != i]
+                else:
+                    others = [{k: v[1:] for k, v in f.items()}]
+                    assert others[0]["patch"].shape[0] > 0, "one shot needs augmented views for its constants"
+                if pool_feats is not None:
+                    others = others + [pool_feats]
+                obank = torch.from_numpy(np.concatenate([g["patch"].reshape(-1, bank.shape[1]) for g in others]))
+                ogbank = torch.from_numpy(np.concatenate([g["global"] for g in others]))
+                loo_maps.append(pool_map(_t(f["patch"][:1]).float(), obank.float()))
+                loo_globals.append(cosine_distance_to_bank(_t(f["global"][:1]).float(), ogbank.float()))
+            ref.norm["pool"] = _standardization(loo_maps)
+            ref.norm["global_pool"] = _standardization(loo_globals)
+        if "text" in config.branches:
+            if ref.text_features is None or "patch_text" not in originals:
+                raise ValueError("the text branch needs text features and an encoder with a text tower")
+            tf = _t(ref.text_features)
+            ref.norm["text"] = _standardization([text_probability(_t(originals["patch_text"]), tf)])
+            ref.norm["global_text"] = _standardization([text_probability(_t(originals["global"]), tf)])
+        if "personalized" in config.branches:
+            if shot_normal_feats is None:
+                raise ValueError("the personalized branch needs the shots' normal versions")
+            pm = personalized_map(_t(originals["patch"]), _t(shot_normal_feats["patch"]), config.neighborhood)
+            pg = 1.0 - F.cosine_similarity(_t(originals["global"]).double(), _t(shot_normal_feats["global"]).double(), dim=-1)
+            ref.norm["personalized"] = _standardization([pm])
+            ref.norm["global_personalized"] = _standardization([pg.float()])
+    return ref
+
+
+def augment_views(image: np.ndarray) -> list[np.ndarray]:
+    """The original view first, then flips and right-angle rotations.
+
+    Parts on a line appear flipped and rotated; the memory bank should not call that an anomaly.
+    """
+    views = [image, image[:, ::-1], image[::-1, :], np.rot90(image, 1), np.rot90(image, 2), np.rot90(image, 3)]
+    return [np.ascontiguousarray(v) for v in views]
