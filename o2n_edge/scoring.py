@@ -29,7 +29,7 @@ from o2n_edge.profiles import BRANCHES, Profile
 
 KNN_CHUNK = 2048  # query patches per chunk of the nearest-neighbour search (bounds memory)
 TEXT_LOGIT_SCALE = 100.0  # CLIP's logit scale, as WinCLIP uses it
-NORM_EPS = 1e-6  # floor of a branch's standardization scale
+NORM_EPS = 1e-3  # floor of a branch's standardization scale: a near-constant branch must not dominate
 DEFAULT_NORM = (0.0, 1.0)
 
 
