@@ -83,7 +83,7 @@ def test_hazelnut_toy_layout(shared_data: Path) -> None:
     assert len(goods) == 6 and len(bad) == 17
     assert ds.defect_types == ["colour"] and ds.has_masks and ds.val_good == []
     assert all(s.mask_path is None for s in goods)
-    assert all(s.mask_path is not None and s.mask_path.name == f"{s.path.stem}_mask.png" for s in bad)
+    assert all(s.mask_path and s.mask_path.name == f"{s.path.stem}_mask.png" for s in bad)
     assert ds.labels.tolist() == [s.label for s in ds.test] and ds.labels.sum() == 17
     # Explicit name works too; the loader is deterministic.
     again = load_dataset(str(root), "mvtec", "hazelnut")
@@ -187,7 +187,8 @@ def test_visa_with_split_csv(tmp_path: Path) -> None:
     rows += [f"candle,train,normal,candle/Data/Images/Normal/{i:04d}.JPG," for i in range(4)]
     rows += [f"candle,test,normal,candle/Data/Images/Normal/{i:04d}.JPG," for i in range(4, 6)]
     rows += [
-        f"candle,test,anomaly,candle/Data/Images/Anomaly/{i:03d}.JPG,candle/Data/Masks/Anomaly/{i:03d}.png"
+        f"candle,test,anomaly,candle/Data/Images/Anomaly/{i:03d}.JPG,"
+        f"candle/Data/Masks/Anomaly/{i:03d}.png"
         for i in range(3)
     ]
     rows += ["pcb1,train,normal,pcb1/Data/Images/Normal/0000.JPG,"]
@@ -230,7 +231,8 @@ def test_folder_layout(tmp_path: Path) -> None:
     assert sum(s.label == 0 for s in ds.test) == 4
     assert ds.defect_types == ["dent", "scratch"]
     masks = {s.path.name: s.mask_path for s in ds.test if s.label == 1}
-    assert masks["s0.png"] == cat / "masks/scratch/s0.png" and masks["s1.png"] == cat / "masks/s1.png"
+    assert masks["s0.png"] == cat / "masks/scratch/s0.png"
+    assert masks["s1.png"] == cat / "masks/s1.png"
     assert masks["d0.bmp"] is None and not ds.has_masks
     # The split depends on file names only: a new good image leaves the others where they were.
     _write_png(cat / "good" / "g7.png", _noise(seed=7))
@@ -299,7 +301,7 @@ def test_decode_good_png_and_jpeg() -> None:
     [
         (b"", "empty"),
         (b"hello, this is not an image at all" * 10, "not a recognised image"),
-        (bytes(np.random.default_rng(RNG_SEED).integers(0, 256, 4096, dtype=np.uint8)), "not a recognised"),
+        (np.random.default_rng(RNG_SEED).bytes(4096), "not a recognised"),
     ],
     ids=["zero-bytes", "text", "random-bytes"],
 )
@@ -363,6 +365,12 @@ def test_odd_modes_convert() -> None:
     ycc = decode_image(_encode(Image.fromarray(rgb).convert("YCbCr"), "TIFF"))
     _assert_rgb(ycc, (16, 16))
     assert np.abs(ycc.astype(int) - rgb).max() <= 3
+    lab = decode_image(_encode(Image.fromarray(rgb).convert("LAB"), "TIFF"))
+    _assert_rgb(lab, (16, 16))
+    floats = np.full((16, 16), 300.0, np.float32)
+    floats[:8] = 100.4
+    out_f = decode_image(_encode(Image.fromarray(floats, mode="F"), "TIFF"))
+    assert (out_f[:8] == 100).all() and (out_f[8:] == 255).all()  # PIL's 0..255, clipped
 
 
 def test_alpha_composited_on_black() -> None:

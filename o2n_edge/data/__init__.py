@@ -1,4 +1,7 @@
-"""Data sets, image decoding and k-shot sampling (numpy + pillow only: the runtime reuses the decoder)."""
+"""Data sets, image decoding and k-shot sampling.
+
+numpy + pillow only: the torch-free runtime reuses the image decoder.
+"""
 
 from o2n_edge.data.datasets import (
     DATASETS,

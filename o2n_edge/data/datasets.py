@@ -142,8 +142,10 @@ def _has_masks(test: list[Sample]) -> bool:
     return bool(anomalous) and all(s.mask_path is not None for s in anomalous)
 
 
-def _split_fraction(paths: list[Path], fraction: float = TRAIN_FRACTION) -> tuple[list[Path], list[Path]]:
-    """Split by a hash of each file name: fixed without a seed, and adding a file moves no other."""
+def _split_fraction(
+    paths: list[Path], fraction: float = TRAIN_FRACTION
+) -> tuple[list[Path], list[Path]]:
+    """Split by a hash of each file name: fixed without a seed; a new file moves at most one."""
     if not paths:
         return [], []
     n_train = max(1, int(len(paths) * fraction))
@@ -176,7 +178,9 @@ def _category_dir(root: Path, category: str) -> Path:
     if not cat_dir.is_dir():
         found = list_categories(root) or [p.name for p in _subdirs(root)]
         listing = ", ".join(found) if found else "none"
-        raise DatasetError(f"category {category!r} not found under {root}; categories there: {listing}")
+        raise DatasetError(
+            f"category {category!r} not found under {root}; categories there: {listing}"
+        )
     return cat_dir
 
 
@@ -186,7 +190,9 @@ def detect_layout(root: Path, category: str) -> str:
     layout = _layout_of(cat_dir)
     if layout is None:
         expected = "\n".join(f"  - {hint}" for hint in LAYOUT_HINTS.values())
-        raise DatasetError(f"{cat_dir} matches no known data set layout; expected one of:\n{expected}")
+        raise DatasetError(
+            f"{cat_dir} matches no known data set layout; expected one of:\n{expected}"
+        )
     return layout
 
 
@@ -209,7 +215,8 @@ def list_categories(root: Path, dataset: str | None = None) -> list[str]:
 def _check_dataset_name(dataset: str | None) -> str:
     name = AUTO if dataset is None else dataset.lower()
     if name != AUTO and name not in DATASETS:
-        raise DatasetError(f"unknown data set {dataset!r}; choose one of: {', '.join(DATASETS)}, {AUTO}")
+        choices = ", ".join((*DATASETS, AUTO))
+        raise DatasetError(f"unknown data set {dataset!r}; choose one of: {choices}")
     return name
 
 
@@ -273,19 +280,23 @@ def _read_visa_csv(csv_path: Path, root: Path, category: str) -> tuple[list[Path
     missing = [c for c in VISA_CSV_COLUMNS if c not in columns]
     if missing:
         raise DatasetError(
-            f"{csv_path}: expected columns {', '.join(VISA_CSV_COLUMNS)}, mask; missing {', '.join(missing)}"
+            f"{csv_path}: expected columns {', '.join(VISA_CSV_COLUMNS)}, mask; "
+            f"missing {', '.join(missing)}"
         )
     mine = [r for r in rows if (r["object"] or "").strip() == category]
     if not mine:
         objects = sorted({(r["object"] or "").strip() for r in rows})
-        raise DatasetError(f"{csv_path}: no rows for {category!r}; objects there: {', '.join(objects)}")
+        raise DatasetError(
+            f"{csv_path}: no rows for {category!r}; objects there: {', '.join(objects)}"
+        )
     train: list[Path] = []
     test: list[Sample] = []
     for row in mine:
         split, label = (row["split"] or "").strip().lower(), (row["label"] or "").strip().lower()
         if split not in ("train", "test") or label not in ("normal", "anomaly"):
             raise DatasetError(
-                f"{csv_path}: expected split train/test and label normal/anomaly, got {split!r}/{label!r}"
+                f"{csv_path}: expected split train/test and label normal/anomaly, "
+                f"got {split!r}/{label!r}"
             )
         path = resolve(row["image"] or "")
         if split == "train":
@@ -319,7 +330,9 @@ def _load_visa(root: Path, category: str, split_csv: Path | None) -> Dataset:
             mask = _first_existing([masks / f"{path.stem}.png", masks / f"{path.stem}_mask.png"])
             test.append(Sample(path, 1, VISA_ANOMALY, mask))
     if not train:
-        raise DatasetError(f"expected {LAYOUT_HINTS['visa']}: no training good images for {category!r}")
+        raise DatasetError(
+            f"expected {LAYOUT_HINTS['visa']}: no training good images for {category!r}"
+        )
     return Dataset("visa", root, category, train, test, _has_masks(test))
 
 
@@ -352,12 +365,15 @@ def _load_folder(root: Path, category: str) -> Dataset:
 def _load_textile(category: str) -> Dataset:
     """The demo set with the fixed split documented at the top of this module."""
     if category != TEXTILE_CATEGORY:
-        raise DatasetError(f"the textile data set has one category, {TEXTILE_CATEGORY!r}; got {category!r}")
+        raise DatasetError(
+            f"the textile data set has one category, {TEXTILE_CATEGORY!r}; got {category!r}"
+        )
     try:
         from conformal_clip_data import global_dir, local_dir, nominal_dir
     except ImportError as exc:
         raise DatasetError(
-            "the textile demo data needs the conformal-clip-data package: pip install 'o2n-edge[demo]'"
+            "the textile demo data needs the conformal-clip-data package: "
+            "pip install 'o2n-edge[demo]'"
         ) from exc
     nominal = list_images(Path(nominal_dir()))
     defects = {"local": list_images(Path(local_dir())), "global": list_images(Path(global_dir()))}

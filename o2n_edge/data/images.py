@@ -37,8 +37,9 @@ MAX_FILE_BYTES = 256 * 1024 * 1024
 # Smallest side an *image* may have: below this no patch encoder produces a meaningful feature.
 MIN_SIDE = 8
 # Formats we accept. Restricting PIL's sniffing keeps exotic plugins (EPS would call
-# Ghostscript) and their parsers out of reach of untrusted bytes.
-ALLOWED_FORMATS = ("PNG", "JPEG", "MPO", "BMP", "TIFF", "WEBP", "GIF", "PPM")
+# Ghostscript) and their parsers out of reach of untrusted bytes. "JPEG" also opens MPO
+# (multi-picture JPEG from phones and stereo cameras).
+ALLOWED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF", "PPM")
 # Resampling for load_image(size=...): bicubic, as CLIP-style preprocessing uses.
 RESAMPLE = Image.Resampling.BICUBIC
 
@@ -61,7 +62,7 @@ def _open_loaded(data: bytes, name: str, min_side: int) -> Image.Image:
     # Partial images must be errors. This is PIL's default; enforce it in case some other
     # library switched it on process-wide (every thread writes the same value: race-free).
     ImageFile.LOAD_TRUNCATED_IMAGES = False
-    Image.init()  # register every plugin, else Image.open(formats=...) misses e.g. MPO, TIFF
+    Image.init()  # register every plugin, else Image.open(formats=...) may miss TIFF, WEBP
     try:
         im = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
         width, height = im.size
@@ -75,8 +76,7 @@ def _open_loaded(data: bytes, name: str, min_side: int) -> Image.Image:
                 f"{name}: {width}x{height} is too small (each side must be >= {min_side} px)"
             )
         im.load()
-        im = ImageOps.exif_transpose(im)
-        im.load()
+        ImageOps.exif_transpose(im, in_place=True)  # no copy for the usual upright image
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -88,7 +88,8 @@ def _open_loaded(data: bytes, name: str, min_side: int) -> Image.Image:
     except MemoryError as exc:
         raise ImageError(f"{name}: not enough memory to decode") from exc
     except Exception as exc:  # noqa: BLE001 - PIL plugins raise many types on corrupt input
-        raise ImageError(f"{name}: corrupt or truncated image ({type(exc).__name__}: {exc})") from exc
+        detail = f"{type(exc).__name__}: {exc}"
+        raise ImageError(f"{name}: corrupt or truncated image ({detail})") from exc
     return im
 
 

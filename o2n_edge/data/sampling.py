@@ -20,7 +20,9 @@ def sample_shots(train_good: Sequence[Path], k: int, seed: int) -> list[Path]:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
         raise ValueError(f"k must be an integer number of shots, got {k!r}")
     if not 1 <= k <= n:
-        raise ValueError(f"k={k} shots requested but {n} training good images are available (k must be 1..{n})")
+        raise ValueError(
+            f"k={k} shots requested but {n} training good images are available (k must be 1..{n})"
+        )
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     order = np.random.default_rng(int(seed)).permutation(n)
