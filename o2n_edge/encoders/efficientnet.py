@@ -55,7 +55,7 @@ _IR_BLOCK = {
     "_project_conv": "conv_pwl",
     "_bn2": "bn3",
 }
-_BLOCK_KEY = re.compile(r"^_blocks\.(\d+)\.(_[a-z_]+)\.(.+)$")
+_BLOCK_KEY = re.compile(r"^_blocks\.(\d+)\.(_[a-z0-9_]+)\.(.+)$")
 _TOP_KEY = re.compile(r"^(_[a-z_0-9]+)\.(.+)$")
 
 
@@ -100,9 +100,8 @@ def map_state_dict(
         if new_key in mapped:
             raise ValueError(f"{key} -> {new_key}: target mapped twice")
         if tuple(target_sd[new_key].shape) != tuple(tensor.shape):
-            raise ValueError(
-                f"{key} -> {new_key}: shape {tuple(tensor.shape)} != {tuple(target_sd[new_key].shape)}"
-            )
+            want = tuple(target_sd[new_key].shape)
+            raise ValueError(f"{key} -> {new_key}: shape {tuple(tensor.shape)} != {want}")
         mapped[new_key] = tensor
     missing = sorted(set(target_sd) - set(mapped))
     if missing:
