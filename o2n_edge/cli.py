@@ -25,6 +25,18 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+@app.callback()
+def main_callback(
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
+) -> None:
+    """Few-shot visual anomaly detection (One-to-Normal): personalize, distil, export, serve."""
+    if version:
+        from o2n_edge import __version__
+
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, MissingExtraError, NotADirectoryError)
 
 

@@ -46,14 +46,17 @@ def markdown_table(results: list[dict]) -> str:
 
 
 def print_table(results: list[dict]) -> None:
-    """Rich table on stdout."""
+    """Rich table on stdout, one per result; the fixed settings go in the title to keep it narrow."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="few-shot anomaly detection (percent, mean ± std over seeds)")
-    for c in columns():
-        table.add_column(c)
+    console = Console()
     for r in results:
+        title = (f"{r['dataset']}/{r['category']} · {r['profile']} · {'+'.join(r['branches'])} · "
+                 f"{r['num_test']} test images ({r['num_anomalous']} anomalous) · percent, mean ± std over seeds")
+        table = Table(title=title)
+        for c in ["shots", "seeds", *[HEADERS[k] for k in METRIC_KEYS], "wall s"]:
+            table.add_column(c, justify="right")
         for row in rows(r):
-            table.add_row(*row)
-    Console().print(table)
+            table.add_row(*row[4:])
+        console.print(table)

@@ -1,0 +1,72 @@
+"""`o2n-edge eval` end to end on real data (tiny profile for speed) and its user-facing errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from o2n_edge.cli import app
+
+runner = CliRunner()
+METRICS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_pro")
+
+
+def test_eval_hazelnut_tiny_writes_json(shared_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    res = runner.invoke(app, ["eval", "--data", str(shared_data / "hazelnut_toy"), "--category", "hazelnut",
+                              "--profile", "tiny", "--shots", "1,2", "--seeds", "0,1", "--no-progress",
+                              "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(out.read_text())
+    assert doc["dataset"] == "mvtec" and doc["category"] == "hazelnut" and doc["profile"] == "tiny"
+    assert doc["branches"] == ["pool", "text"]
+    assert len(doc["runs"]) == 4 and [s["shots"] for s in doc["summary"]] == [1, 2]
+    for run in doc["runs"]:
+        for key in METRICS:
+            assert 0.0 <= run[key] <= 1.0, (key, run[key])
+        assert len(run["shot_images"]) == run["shots"]
+    # shots are nested across k for the same seed, and differ across seeds
+    by = {(r["shots"], r["seed"]): r["shot_images"] for r in doc["runs"]}
+    assert by[(1, 0)][0] in by[(2, 0)] and by[(1, 0)] != by[(1, 1)]
+    assert "AUROC" in res.output
+
+
+def test_eval_branch_subset(shared_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    res = runner.invoke(app, ["eval", "--data", str(shared_data / "hazelnut_toy"), "--category", "hazelnut",
+                              "--profile", "tiny", "--shots", "1", "--seeds", "0", "--branches", "text",
+                              "--no-progress", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    assert json.loads(out.read_text())["branches"] == ["text"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--data", "/nonexistent/o2n", "--category", "pcb"], "/nonexistent/o2n"),
+        (["--category", "hazelnut", "--profile", "huge"], "unknown profile"),
+        (["--category", "hazelnut", "--shots", "one"], "--shots"),
+        (["--category", "hazelnut", "--branches", "text", "--profile", "lite"], "not available"),
+        (["--category", "hazelnut", "--branches", "personalized"], "--run"),
+        (["--category", "walnut"], "hazelnut"),  # the message lists the categories that exist
+        (["--category", "hazelnut", "--shots", "99", "--profile", "tiny"], "28"),  # only 28 good images
+    ],
+)
+def test_eval_user_errors_are_one_line(shared_data: Path, args: list[str], message: str) -> None:
+    base = ["eval", "--no-progress"]
+    if "--data" not in args:
+        base += ["--data", str(shared_data / "hazelnut_toy")]
+    res = runner.invoke(app, base + args)
+    assert res.exit_code == 2, res.output
+    assert "error:" in res.output and message in res.output
+    assert "Traceback" not in res.output
+
+
+def test_missing_data_root_names_option_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("O2N_DATA", raising=False)
+    res = runner.invoke(app, ["eval", "--category", "pcb", "--no-progress"])
+    assert res.exit_code == 2
+    assert "--data" in res.output and "O2N_DATA" in res.output
