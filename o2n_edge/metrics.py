@@ -230,8 +230,15 @@ def pro_curve(
         levels = np.linspace(0.0, fpr_limit, num_thresholds + 1)[1:]
         ranks = np.clip(np.ceil(levels * n_ok).astype(np.int64), 1, k_top)  # r-th largest good score
         picked = ok_sorted[k_top - ranks]
+        # The same on the PRO axis: anomalous scores where PRO crosses evenly spaced levels, so a
+        # steep stretch of the curve (many regions found between two good-pixel quantiles) is
+        # resolved too and the trapezoids track the reference's staircase.
+        pro_levels = np.linspace(0.0, 1.0, num_thresholds + 1)[1:]
+        idx = np.searchsorted(-suffix[:-1], -pro_levels, side="right") - 1
+        pro_picked = anom_sorted[idx[idx >= 0]]
+        pro_picked = pro_picked[pro_picked >= t_min]
         above_best = np.nextafter(ok_sorted[-1], np.inf)  # FPR = 0, PRO of the clear hits
-        thresholds = np.unique(np.concatenate((picked, [above_best, t_min])))[::-1]
+        thresholds = np.unique(np.concatenate((picked, pro_picked, [above_best, t_min])))[::-1]
 
     # "score >= t" counts. Every threshold is >= t_min, and good scores left out of ok_sorted are
     # <= t_min, so counting inside ok_sorted is exact except at t == t_min itself, where ties
@@ -304,7 +311,7 @@ def compute_metrics(
     if not m.any():
         return out
     out["pixel_auroc"] = pixel_auroc(m, a)
-    out["pixel_pro"] = pixel_pro(m, a)
+    out["pixel_pro"] = pixel_pro(m, a, num_thresholds=None)  # exact: comparable with published AUPRO
     return out
 
 
