@@ -87,3 +87,15 @@ def test_augment_views_original_first() -> None:
     views = augment_views(img)
     assert len(views) == 6 and np.array_equal(views[0], img)
     assert all(v.flags["C_CONTIGUOUS"] for v in views)
+
+
+def test_knn_distance_equals_brute_force_cdist() -> None:
+    import torch
+
+    from o2n_edge.scoring import knn_distance
+
+    g = torch.Generator().manual_seed(0)
+    q, bank = torch.randn(300, 24, generator=g), torch.randn(500, 24, generator=g)
+    expected = torch.cdist(q.double(), bank.double()).min(dim=1).values
+    got = knn_distance(q, bank, chunk=64)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-6)

@@ -1,0 +1,223 @@
+"""The line-side pipeline: a verified bundle -> one-to-normal transform + triplet scoring, no torch.
+
+Stages (each timed): preprocess (numpy/PIL), VAE encode, LCM steps with the personalized UNet
+(numpy scheduler), VAE decode, vision encoder on the query and its normal version, scoring
+(numpy), postprocess. Graphs run on ONNX Runtime with the execution provider chosen by
+``backend``; when that provider is not available the pipeline says so in the log and falls back
+to the CPU, so a line never stops because a driver is missing.
+
+The transform's noise is drawn once, at load time, from the bundle's seed: the same image gives
+the same score on every device and in every batch position.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from o2n_edge.data.preprocess import preprocess_numpy, resize_uint8
+from o2n_edge.runtime.bundle import Bundle, load_bundle
+from o2n_edge.runtime.scheduler import NumpyLCMScheduler
+from o2n_edge.runtime.scoring import Scorer, ScoringParams
+from o2n_edge.runtime.types import InspectResult
+
+log = logging.getLogger("o2n_edge.runtime")
+
+BACKENDS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+DEFAULT_BATCH = 8
+
+
+def transform_noise(seed: int, latent_shape: Sequence[int], steps: int) -> list[np.ndarray]:
+    """The noises of one transform: the initial noise, then one per intermediate LCM step.
+
+    Shared by the torch reference (passed in explicitly) and the runtime, so both run the very
+    same trajectory; per image, not per batch, so batching never changes a score.
+    """
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(tuple(latent_shape)).astype(np.float32) for _ in range(steps)]
+
+
+@dataclass
+class SessionOptions:
+    """ONNX Runtime knobs that matter on small devices."""
+
+    backend: str = "cpu"
+    intra_op_threads: int = 0  # 0 = onnxruntime's default (all cores)
+    inter_op_threads: int = 1
+    graph_optimization: str = "all"  # disable | basic | extended | all
+    enable_mem_arena: bool = True
+    provider_options: dict[str, dict] = field(default_factory=dict)
+
+
+def _make_session(path: Path, opts: SessionOptions):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = opts.intra_op_threads
+    so.inter_op_num_threads = opts.inter_op_threads
+    so.enable_cpu_mem_arena = opts.enable_mem_arena
+    so.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[opts.graph_optimization]
+    providers = resolve_providers(opts.backend)
+    provider_args = [(p, opts.provider_options.get(p, {})) for p in providers]
+    return ort.InferenceSession(str(path), sess_options=so, providers=provider_args)
+
+
+def resolve_providers(backend: str) -> list[str]:
+    """The providers for ``backend`` that this onnxruntime build has; CPU fallback is logged."""
+    import onnxruntime as ort
+
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    available = set(ort.get_available_providers())
+    wanted = BACKENDS[backend]
+    chosen = [p for p in wanted if p in available]
+    if wanted[0] not in available:
+        log.warning("backend %r needs %s, which this onnxruntime build does not have (%s); falling back to %s",
+                    backend, wanted[0], ", ".join(sorted(available)), chosen[0])
+    return chosen
+
+
+class OrtPipeline:
+    """Implements :class:`o2n_edge.runtime.types.Inspector` on ONNX Runtime."""
+
+    def __init__(self, bundle: Bundle | str | Path, options: SessionOptions | None = None) -> None:
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        self.options = options or SessionOptions()
+        m = self.bundle.manifest
+        self.manifest = m
+        self.bundle_hash = self.bundle.manifest_sha256
+        self.params = ScoringParams.from_manifest(m["scoring"])
+        self.image_size = int(m["image_size"])
+        self.threshold = float(m["threshold"]["value"])
+        enc = m["encoder"]
+        self.mean, self.std = tuple(enc["mean"]), tuple(enc["std"])
+        self.encoder_outputs = tuple(enc["output_names"])
+        self.sessions: dict[str, object] = {"image_encoder": _make_session(self.bundle.model_path("image_encoder"), self.options)}
+        self.providers = self.sessions["image_encoder"].get_providers()  # type: ignore[attr-defined]
+        self.uses_transform = "personalized" in self.params.branches
+        if self.uses_transform:
+            for name in ("vae_encoder", "unet", "vae_decoder"):
+                self.sessions[name] = _make_session(self.bundle.model_path(name), self.options)
+            t = m["transform"]
+            self.diffusion_size = int(m["diffusion_image_size"])
+            self.scheduler_config = m["scheduler"]
+            self.steps, self.strength = int(t["steps"]), float(t["strength"])
+            sched = NumpyLCMScheduler.from_config(self.scheduler_config)
+            self.timesteps = sched.set_timesteps(self.steps, strength=self.strength)
+            assert [int(x) for x in self.timesteps] == [int(x) for x in t["timesteps"]], "scheduler tables disagree with the manifest's timesteps"
+            self.prompt_embeds = self.bundle.array("prompt_embeds.npy").astype(np.float32)
+            lat = m["diffusion"]["latent_shape"]  # (C, h, w)
+            self.noises = transform_noise(int(t["seed"]), lat, len(self.timesteps))
+            self.timestep_dtype = np.int64 if m["models"]["unet"]["inputs"]["timestep"]["dtype"] == "int64" else np.float32
+        text = self.bundle.array("text_features.npy") if "text" in self.params.branches else None
+        pool = "pool" in self.params.branches
+        self.scorer = Scorer(
+            self.params,
+            self.bundle.array("memory_bank.npy") if pool else None,
+            self.bundle.array("global_bank.npy") if pool else None,
+            text,
+        )
+
+    # ------------------------------------------------------------------ stages
+
+    def encode(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """uint8 (B,S,S,3) -> encoder outputs."""
+        pixels = preprocess_numpy(images, self.image_size, self.mean, self.std)
+        outs = self.sessions["image_encoder"].run(None, {"pixels": pixels})  # type: ignore[attr-defined]
+        return dict(zip(self.encoder_outputs, outs))
+
+    def transform(self, images: np.ndarray, timings: dict[str, float] | None = None) -> np.ndarray:
+        """uint8 (B,H,W,3) -> their normal versions, uint8 at the diffusion size."""
+        timings = timings if timings is not None else {}
+        sched = NumpyLCMScheduler.from_config(self.scheduler_config)
+        sched.set_timesteps(self.steps, strength=self.strength)
+        t0 = time.perf_counter()
+        x = resize_uint8(images, self.diffusion_size).astype(np.float32) / 127.5 - 1.0
+        x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+        timings["transform_preprocess"] = _ms(t0)
+        t0 = time.perf_counter()
+        latents = self.sessions["vae_encoder"].run(None, {"pixels": x})[0]  # type: ignore[attr-defined]
+        timings["vae_encode"] = _ms(t0)
+        b = latents.shape[0]
+        noise = np.broadcast_to(self.noises[0], latents.shape)
+        sample = sched.add_noise(latents, noise, int(self.timesteps[0])).astype(np.float32)
+        embeds = np.repeat(self.prompt_embeds, b, axis=0)
+        denoised = sample
+        for i, t in enumerate(self.timesteps):
+            t0 = time.perf_counter()
+            ts = np.full((b,), t, dtype=self.timestep_dtype)
+            eps = self.sessions["unet"].run(None, {"sample": sample, "timestep": ts, "encoder_hidden_states": embeds})[0]  # type: ignore[attr-defined]
+            nxt = np.broadcast_to(self.noises[i + 1], latents.shape) if i + 1 < len(self.timesteps) else None
+            sample, denoised = sched.step(eps, int(t), sample, nxt)
+            sample = sample.astype(np.float32)
+            timings[f"unet_step_{i}"] = _ms(t0)
+        t0 = time.perf_counter()
+        pixels = self.sessions["vae_decoder"].run(None, {"latent": denoised.astype(np.float32)})[0]  # type: ignore[attr-defined]
+        normals = np.clip((pixels.transpose(0, 2, 3, 1) + 1.0) * 127.5, 0, 255).round().astype(np.uint8)
+        timings["vae_decode"] = _ms(t0)
+        return normals
+
+    # ------------------------------------------------------------------ Inspector
+
+    def inspect_batch(self, images: Sequence[np.ndarray]) -> list[InspectResult]:
+        """Score decoded RGB images (any size); one result per image, with per-stage timings."""
+        t_all = time.perf_counter()
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        query = resize_uint8(list(images), self.image_size)
+        timings["preprocess"] = _ms(t0)
+        normal_feats = None
+        normals_at_size = None
+        if self.uses_transform:
+            normals = self.transform(resize_uint8(list(images), self.diffusion_size), timings)
+            normals_at_size = resize_uint8(normals, self.image_size)
+        t0 = time.perf_counter()
+        feats = self.encode(query)
+        if normals_at_size is not None:
+            normal_feats = self.encode(normals_at_size)
+        timings["image_encoder"] = _ms(t0)
+        t0 = time.perf_counter()
+        res = self.scorer.score(feats, normal_feats)
+        timings["scoring"] = _ms(t0)
+        t0 = time.perf_counter()
+        out = []
+        for i in range(len(query)):
+            s = float(res.scores[i])
+            out.append(InspectResult(
+                score=s, decision=s > self.threshold, threshold=self.threshold, timings_ms=dict(timings),
+                anomaly_map=res.maps[i], query=query[i],
+                normal=None if normals_at_size is None else normals_at_size[i],
+            ))
+        post = _ms(t0)
+        total = _ms(t_all)
+        for r in out:
+            r.timings_ms["postprocess"] = post
+            r.timings_ms["total"] = total
+        return out
+
+    def inspect(self, image: np.ndarray) -> InspectResult:
+        return self.inspect_batch([image])[0]
+
+
+def _ms(t0: float) -> float:
+    return (time.perf_counter() - t0) * 1000.0
+
+
+def default_threads() -> int:
+    """Physical-ish core count for intra-op threads (the container may report more)."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
