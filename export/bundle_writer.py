@@ -1,0 +1,223 @@
+"""Write a bundle atomically: everything lands in a temp dir beside the target, renamed on success.
+
+Why: an export that dies halfway (out of memory, Ctrl-C, a failed validation) must not leave a
+directory that looks like a bundle; and re-running must be able to replace an old bundle only
+when asked (``force``). The manifest is written last and hashes every file, so the runtime's
+``verify_bundle`` (``o2n_edge.runtime.bundle``) can refuse anything that changed afterwards.
+The manifest keys are documented in ``o2n_edge.runtime.bundle``.
+
+Usage::
+
+    with BundleWriter(out_dir, force=True) as w:
+        w.add_file("unet.onnx", exported_path)
+        w.add_array("memory_bank", bank)
+        w.write_manifest({"profile": "tiny", ...})
+    # out_dir now exists, complete; on an exception nothing was created or replaced.
+
+Torch-free (importlib.metadata for versions), so it also runs where only the runtime is
+installed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from importlib import metadata
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from o2n_edge.runtime.bundle import (
+    DIGEST_KEY,
+    ENGINES_DIR,
+    MANIFEST_NAME,
+    SCHEMA_VERSION,
+    check_file_name,
+    list_bundle_files,
+    manifest_digest,
+    sha256_file,
+)
+
+log = logging.getLogger(__name__)
+
+VERSION_PACKAGES = ("o2n-edge", "torch", "diffusers", "onnx", "onnxruntime", "onnxslim",
+                    "open_clip_torch", "numpy")
+TMP_PREFIX = ".tmp-"
+TRASH_PREFIX = ".old-"
+
+
+def producing_versions(packages: tuple[str, ...] = VERSION_PACKAGES) -> dict[str, str | None]:
+    """Installed versions of the producing packages (None when absent), without importing them."""
+    out: dict[str, str | None] = {}
+    for pkg in packages:
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    if out.get("o2n-edge") is None:  # running from a source tree without an install
+        try:
+            from o2n_edge import __version__
+
+            out["o2n-edge"] = __version__
+        except ImportError:
+            pass
+    return out
+
+
+def _json_default(obj: Any) -> Any:
+    """numpy scalars/arrays and paths in manifests become plain JSON."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return obj.as_posix()
+    raise TypeError(f"not JSON-serializable in a manifest: {type(obj).__name__}")
+
+
+class BundleWriter:
+    """Context manager that stages a bundle in ``<parent>/.<name>.tmp-<id>`` and renames it in."""
+
+    def __init__(self, out_dir: str | Path, force: bool = False) -> None:
+        self.out_dir = Path(out_dir).resolve()
+        self.force = force
+        self.tmp_dir: Path | None = None
+        self.manifest: dict[str, Any] | None = None
+
+    # context ------------------------------------------------------------------------------
+    def __enter__(self) -> BundleWriter:
+        if self.out_dir.exists() and not self.force:
+            raise FileExistsError(f"{self.out_dir} exists; pass force=True (--force) to replace it")
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir = self.out_dir.parent / f".{self.out_dir.name}{TMP_PREFIX}{uuid.uuid4().hex[:8]}"
+        self.tmp_dir.mkdir()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self.tmp_dir is not None
+        try:
+            if exc_type is None:
+                if self.manifest is None:
+                    raise RuntimeError("BundleWriter closed without write_manifest(): nothing written")
+                self._commit()
+        finally:
+            if self.tmp_dir.exists():
+                shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+    def _commit(self) -> None:
+        """Swap the staged dir in; an existing bundle is moved aside first, then deleted."""
+        assert self.tmp_dir is not None
+        trash = None
+        if self.out_dir.exists():
+            if not self.force:  # appeared while we were writing
+                raise FileExistsError(f"{self.out_dir} appeared during the export; not replacing it")
+            trash = self.out_dir.parent / f".{self.out_dir.name}{TRASH_PREFIX}{uuid.uuid4().hex[:8]}"
+            os.replace(self.out_dir, trash)
+        try:
+            os.replace(self.tmp_dir, self.out_dir)
+        except BaseException:
+            if trash is not None:  # put the old bundle back
+                os.replace(trash, self.out_dir)
+            raise
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+        log.info("bundle written: %s", self.out_dir)
+
+    # content ------------------------------------------------------------------------------
+    def path(self, name: str) -> Path:
+        """Staging path for ``name`` (write there directly, e.g. an exporter's output)."""
+        if self.tmp_dir is None:
+            raise RuntimeError("use BundleWriter as a context manager")
+        if self.manifest is not None:
+            raise RuntimeError("manifest already written: the bundle is sealed")
+        bad = check_file_name(name)
+        if bad:
+            raise ValueError(bad)
+        target = self.tmp_dir / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return target
+
+    def add_file(self, name: str, src_path: str | Path, move: bool = False) -> Path:
+        """Copy (or move) ``src_path`` into the bundle as ``name``; returns the staged path.
+
+        An ONNX graph with external data (``<src>.data``) brings its data file along under
+        ``<name>.data``, which is the location the graph refers to when the names match.
+        """
+        src = Path(src_path)
+        if not src.is_file():
+            raise FileNotFoundError(f"bundle file source not found: {src}")
+        target = self.path(name)
+        (shutil.move if move else shutil.copy2)(str(src), str(target))
+        data = src.with_name(src.name + ".data")
+        if name.endswith(".onnx") and data.is_file():
+            if src.name != Path(name).name:
+                raise ValueError(
+                    f"{src} has external data {data.name}: add it under its own name "
+                    f"({src.name}), the graph refers to its data file by name"
+                )
+            (shutil.move if move else shutil.copy2)(str(data), str(self.path(name + ".data")))
+        return target
+
+    def add_array(self, name: str, array: np.ndarray) -> Path:
+        """Save ``array`` as ``<name>.npy`` (object arrays refused: the runtime loads no pickles)."""
+        arr = np.asarray(array)
+        if arr.dtype == object:
+            raise TypeError(f"{name}: object arrays cannot go in a bundle (no pickles)")
+        fname = name if name.endswith(".npy") else f"{name}.npy"
+        target = self.path(fname)
+        np.save(target, arr, allow_pickle=False)
+        return target
+
+    def add_json(self, name: str, obj: Mapping[str, Any]) -> Path:
+        """Write an auxiliary JSON file (hashed like every other file)."""
+        target = self.path(name)
+        target.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default))
+        return target
+
+    def write_manifest(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
+        """Hash every staged file and write ``manifest.json`` (seals the bundle).
+
+        Adds ``schema_version``, ``files`` ({name: {sha256, bytes}}), ``versions`` and
+        ``manifest_sha256``; keys given in ``manifest`` for those are overwritten, except extra
+        ``versions`` entries. Values must be JSON-able (numpy scalars/arrays are converted;
+        NaN/Inf are refused).
+        """
+        if self.tmp_dir is None:
+            raise RuntimeError("use BundleWriter as a context manager")
+        if self.manifest is not None:
+            raise RuntimeError("manifest already written")
+        engines = self.tmp_dir / ENGINES_DIR
+        if engines.exists():
+            raise ValueError(f"{ENGINES_DIR}/ is built on the target device, not exported")
+        files = {
+            name: {"sha256": sha256_file(self.tmp_dir / name),
+                   "bytes": (self.tmp_dir / name).stat().st_size}
+            for name in list_bundle_files(self.tmp_dir)
+        }
+        out = dict(manifest)
+        out["schema_version"] = SCHEMA_VERSION
+        out["files"] = files
+        out["versions"] = {**dict(manifest.get("versions", {})), **producing_versions()}
+        models = out.get("models", {})
+        for mname, entry in models.items():
+            fname = entry.get("file") if isinstance(entry, Mapping) else None
+            if fname is not None and fname not in files:
+                raise ValueError(f"models.{mname} refers to {fname!r}, which is not in the bundle")
+        # Round-trip through JSON first so the digest is computed on exactly what is read back.
+        out = json.loads(json.dumps(out, default=_json_default, allow_nan=False))
+        out[DIGEST_KEY] = manifest_digest(out)
+        text = json.dumps(out, indent=2, sort_keys=True, allow_nan=False)
+        (self.tmp_dir / MANIFEST_NAME).write_text(text, encoding="utf-8")
+        self.manifest = out
+        return out
