@@ -6,8 +6,10 @@ Stages (each timed): preprocess (numpy/PIL), VAE encode, LCM steps with the pers
 ``backend``; when that provider is not available the pipeline says so in the log and falls back
 to the CPU, so a line never stops because a driver is missing.
 
-The transform's noise is drawn once, at load time, from the bundle's seed: the same image gives
-the same score on every device and in every batch position.
+The transform's noise is drawn once, at export time, and stored in the bundle: the same image
+gives the same score on every device, in every batch position, and in the torch reference.
+Every image is first resized to the scoring size; the transform and the encoder both start from
+that one array, exactly as the reference does.
 """
 
 from __future__ import annotations
@@ -37,16 +39,6 @@ BACKENDS = {
 DEFAULT_BATCH = 8
 
 
-def transform_noise(seed: int, latent_shape: Sequence[int], steps: int) -> list[np.ndarray]:
-    """The noises of one transform: the initial noise, then one per intermediate LCM step.
-
-    Shared by the torch reference (passed in explicitly) and the runtime, so both run the very
-    same trajectory; per image, not per batch, so batching never changes a score.
-    """
-    rng = np.random.default_rng(seed)
-    return [rng.standard_normal(tuple(latent_shape)).astype(np.float32) for _ in range(steps)]
-
-
 @dataclass
 class SessionOptions:
     """ONNX Runtime knobs that matter on small devices."""
@@ -59,7 +51,7 @@ class SessionOptions:
     provider_options: dict[str, dict] = field(default_factory=dict)
 
 
-def _make_session(path: Path, opts: SessionOptions):
+def _make_session(path: Path, opts: SessionOptions, disabled_optimizers: Sequence[str] = ()):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -74,7 +66,8 @@ def _make_session(path: Path, opts: SessionOptions):
     }[opts.graph_optimization]
     providers = resolve_providers(opts.backend)
     provider_args = [(p, opts.provider_options.get(p, {})) for p in providers]
-    return ort.InferenceSession(str(path), sess_options=so, providers=provider_args)
+    kwargs = {"disabled_optimizers": list(disabled_optimizers)} if disabled_optimizers else {}
+    return ort.InferenceSession(str(path), sess_options=so, providers=provider_args, **kwargs)
 
 
 def resolve_providers(backend: str) -> list[str]:
@@ -100,19 +93,19 @@ class OrtPipeline:
         self.options = options or SessionOptions()
         m = self.bundle.manifest
         self.manifest = m
-        self.bundle_hash = self.bundle.manifest_sha256
+        self.bundle_hash = str(m["manifest_sha256"])
         self.params = ScoringParams.from_manifest(m["scoring"])
         self.image_size = int(m["image_size"])
         self.threshold = float(m["threshold"]["value"])
         enc = m["encoder"]
         self.mean, self.std = tuple(enc["mean"]), tuple(enc["std"])
         self.encoder_outputs = tuple(enc["output_names"])
-        self.sessions: dict[str, object] = {"image_encoder": _make_session(self.bundle.model_path("image_encoder"), self.options)}
+        self.sessions: dict[str, object] = {"image_encoder": self._session("image_encoder")}
         self.providers = self.sessions["image_encoder"].get_providers()  # type: ignore[attr-defined]
         self.uses_transform = "personalized" in self.params.branches
         if self.uses_transform:
             for name in ("vae_encoder", "unet", "vae_decoder"):
-                self.sessions[name] = _make_session(self.bundle.model_path(name), self.options)
+                self.sessions[name] = self._session(name)
             t = m["transform"]
             self.diffusion_size = int(m["diffusion_image_size"])
             self.scheduler_config = m["scheduler"]
@@ -120,18 +113,22 @@ class OrtPipeline:
             sched = NumpyLCMScheduler.from_config(self.scheduler_config)
             self.timesteps = sched.set_timesteps(self.steps, strength=self.strength)
             assert [int(x) for x in self.timesteps] == [int(x) for x in t["timesteps"]], "scheduler tables disagree with the manifest's timesteps"
-            self.prompt_embeds = self.bundle.array("prompt_embeds.npy").astype(np.float32)
-            lat = m["diffusion"]["latent_shape"]  # (C, h, w)
-            self.noises = transform_noise(int(t["seed"]), lat, len(self.timesteps))
+            self.prompt_embeds = self.bundle.array("prompt_embeds").astype(np.float32)
+            # init noise + one per intermediate step, drawn at export time (torch's generator)
+            self.noises = list(self.bundle.array("transform_noise").astype(np.float32))
+            assert len(self.noises) == len(self.timesteps), "transform_noise.npy does not match the steps"
             self.timestep_dtype = np.int64 if m["models"]["unet"]["inputs"]["timestep"]["dtype"] == "int64" else np.float32
-        text = self.bundle.array("text_features.npy") if "text" in self.params.branches else None
+        text = self.bundle.array("text_features") if "text" in self.params.branches else None
         pool = "pool" in self.params.branches
         self.scorer = Scorer(
             self.params,
-            self.bundle.array("memory_bank.npy") if pool else None,
-            self.bundle.array("global_bank.npy") if pool else None,
+            self.bundle.array("memory_bank") if pool else None,
+            self.bundle.array("global_bank") if pool else None,
             text,
         )
+
+    def _session(self, name: str):
+        return _make_session(self.bundle.model_path(name), self.options, self.bundle.ort_disabled_optimizers(name))
 
     # ------------------------------------------------------------------ stages
 
@@ -184,7 +181,7 @@ class OrtPipeline:
         normal_feats = None
         normals_at_size = None
         if self.uses_transform:
-            normals = self.transform(resize_uint8(list(images), self.diffusion_size), timings)
+            normals = self.transform(resize_uint8(query, self.diffusion_size), timings)
             normals_at_size = resize_uint8(normals, self.image_size)
         t0 = time.perf_counter()
         feats = self.encode(query)
