@@ -77,7 +77,7 @@ PROFILES: dict[str, Profile] = {
         name="lite",
         encoder=EncoderSpec(kind="efficientnet_lite0", image_size=224),
         diffusion=DiffusionSpec(
-            kind="lite", image_size=64, steps=4, strength=0.5, personalize_steps=1500,
+            kind="lite", image_size=64, steps=4, strength=0.5, personalize_steps=2000,
             distill_steps=500, pool_size=16,
         ),
         has_text=False,
