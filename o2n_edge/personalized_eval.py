@@ -36,7 +36,8 @@ def ensure_run(
     distill_steps: int | None = None,
 ) -> dict:
     """Personalize (resuming) and distil into ``run_dir`` unless already done; returns wall times."""
-    from o2n_edge.diffusion import distill, personalize
+    from o2n_edge.diffusion.distill import distill  # the submodules share these names: import the functions
+    from o2n_edge.diffusion.personalize import personalize
     from o2n_edge.diffusion.run_dir import RunDir
 
     rd = RunDir(run_dir)
