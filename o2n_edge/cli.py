@@ -128,6 +128,117 @@ def eval_cmd(
         typer.echo(f"wrote {markdown_out}")
 
 
+@app.command("personalize")
+def personalize_cmd(
+    category: str = typer.Option(..., "--category", help="Product category (names the prompt 'a photo of sks <category>')."),
+    out: Path = typer.Option(..., "--out", help="Run directory (checkpoints, run.json, weights); an interrupted run resumes here."),
+    data: Optional[Path] = DataOpt,
+    dataset: str = DatasetOpt,
+    shots: int = typer.Option(4, "--shots", help="Number k of good training images to personalize on."),
+    seed: int = typer.Option(0, "--seed", help="Seed that draws the shots and drives training."),
+    images: Optional[list[Path]] = typer.Option(None, "--image", help="Personalize on these image files instead of drawing shots from --data (repeatable)."),
+    profile: str = ProfileOpt,
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (defaults: tiny 30, lite 2000, sd15 800)."),
+    base_model: Optional[Path] = typer.Option(None, "--base-model", envvar="O2N_SD15", help="sd15: local diffusers SD-1.5 checkpoint directory (default: $O2N_SD15)."),
+    lora_rank: int = typer.Option(8, "--lora-rank", help="sd15: LoRA rank."),
+    prior_preservation: bool = typer.Option(False, "--prior-preservation", help="sd15: DreamBooth prior preservation with generated class images."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar with the loss."),
+) -> None:
+    """DreamBooth-personalize the profile's diffusion model on k good images (resumable)."""
+    try:
+        from dataclasses import replace
+
+        from o2n_edge.data import load_dataset, load_image, sample_shots
+        from o2n_edge.diffusion.personalize import personalize
+        from o2n_edge.profiles import get_profile
+
+        prof = get_profile(profile)
+        spec = replace(prof.diffusion, base_model=str(base_model)) if base_model else prof.diffusion
+        if images:
+            paths = list(images)
+        else:
+            ds = load_dataset(data, None if dataset == "auto" else dataset, category)
+            paths = sample_shots(ds.train_good, shots, seed)
+        imgs = [load_image(p, spec.image_size) for p in paths]
+        personalize(imgs, category, spec, out, steps=steps, seed=seed, progress=progress,
+                    lora_rank=lora_rank, prior_preservation=prior_preservation)
+    except typer.Exit:
+        raise
+    except USER_ERRORS as exc:
+        fail(str(exc))
+    typer.echo(f"personalized {category} on {len(paths)} images: {out} ({', '.join(p.name for p in paths)})")
+
+
+@app.command("distill")
+def distill_cmd(
+    run: Path = typer.Argument(..., help="A run directory from `o2n-edge personalize`."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Consistency-distillation steps (defaults: tiny 20, lite 500, sd15 1000)."),
+    inference_steps: Optional[int] = typer.Option(None, "--inference-steps", help="Few-step target (1-8; default: the profile's)."),
+    lcm_lora: Optional[Path] = typer.Option(None, "--lcm-lora", help="sd15: merge this pretrained LCM-LoRA (local file) instead of distilling."),
+    lcm_lora_scale: float = typer.Option(1.0, "--lcm-lora-scale", help="sd15: weight of the LCM-LoRA in the merge."),
+    personal_lora_scale: float = typer.Option(1.0, "--personal-lora-scale", help="sd15: weight of the personalization LoRA in the merge."),
+    seed: int = typer.Option(0, "--seed"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Distil a personalized run into a few-step (LCM) student and measure it against the many-step teacher."""
+    try:
+        import json as _json
+
+        from o2n_edge.diffusion.distill import distill
+        from o2n_edge.diffusion.run_dir import RunDir
+
+        if not RunDir(run).run_json.is_file():
+            fail(f"{run} is not a personalized run (no run.json): run `o2n-edge personalize` first")
+        kwargs = {} if inference_steps is None else {"num_inference_steps": inference_steps}
+        if inference_steps is None:
+            info = _json.loads(RunDir(run).run_json.read_text())
+            kwargs["num_inference_steps"] = int(info.get("spec", {}).get("steps", 4))
+        distill(run, steps=steps, lcm_lora=lcm_lora, lcm_lora_scale=lcm_lora_scale,
+                personal_lora_scale=personal_lora_scale, progress=progress, seed=seed, **kwargs)
+        d = _json.loads(RunDir(run).distill_json.read_text())
+    except typer.Exit:
+        raise
+    except USER_ERRORS as exc:
+        fail(str(exc))
+    typer.echo(f"student written to {RunDir(run).student}")
+    for k, v in d.get("distances", {}).get("student", {}).items():
+        typer.echo(f"  {k}-step student vs 50-step teacher: PSNR {v['psnr']:.1f} dB, latent MSE {v['latent_mse']:.4f}")
+
+
+@app.command("transform")
+def transform_cmd(
+    run: Path = typer.Argument(..., help="A personalized (and ideally distilled) run directory."),
+    images: list[Path] = typer.Argument(..., help="Query images."),
+    out: Path = typer.Option(..., "--out", help="Directory for query | normal-version side-by-side PNGs."),
+    strength: Optional[float] = typer.Option(None, "--strength", help="Noise strength (default: the profile's)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="LCM steps (default: the profile's)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the transform noise (deterministic)."),
+    teacher: bool = typer.Option(False, "--teacher", help="Run the many-step DDIM teacher instead of the student (quality reference)."),
+) -> None:
+    """Write each query beside its normal version, so a person can look at them."""
+    try:
+        import numpy as np
+        from PIL import Image
+
+        from o2n_edge.data import load_image
+        from o2n_edge.diffusion import load_run, one_to_normal
+
+        loaded = load_run(run)
+        out.mkdir(parents=True, exist_ok=True)
+        size = loaded.image_size
+        for path in images:
+            q = load_image(path, size)
+            res = one_to_normal(loaded, q[None], strength=strength, steps=steps, seed=seed, use_student=not teacher)
+            pair = np.concatenate([q, res.normals[0]], axis=1)
+            target = out / f"{path.stem}_normal.png"
+            Image.fromarray(pair).save(target)
+            typer.echo(f"{target}  ({res.unet}, {res.scheduler}, {res.steps_run} steps run at strength {res.strength})")
+    except typer.Exit:
+        raise
+    except USER_ERRORS as exc:
+        fail(str(exc))
+
+
 @app.command("export")
 def export_cmd(
     category: str = typer.Option(..., "--category", help="Product category (e.g. pcb, hazelnut; 'textile' for the built-in set)."),

@@ -132,7 +132,7 @@ def evaluate(
         "category": dataset.category,
         "profile": profile.name,
         "branches": list(config.branches),
-        "pool_size": (profile.diffusion.pool_size if normal_provider is not None else 0),
+        "pool_size": int(runs[0].get("pool_size", 0)) if runs else 0,
         "num_test": len(samples),
         "num_anomalous": int(labels.sum()),
         "runs": runs,

@@ -1,0 +1,47 @@
+"""`o2n-edge personalize / distill / transform / eval --run` on real photos with the tiny profile."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from typer.testing import CliRunner
+
+from o2n_edge.cli import app
+
+runner = CliRunner()
+
+
+def test_personalize_distill_transform_eval(shared_data: Path, tmp_path: Path) -> None:
+    data = shared_data / "hazelnut_toy"
+    run = tmp_path / "run"
+    res = runner.invoke(app, ["personalize", "--category", "hazelnut", "--data", str(data), "--profile", "tiny",
+                              "--shots", "2", "--steps", "6", "--out", str(run), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((run / "run.json").read_text())["steps"] == 6
+
+    res = runner.invoke(app, ["distill", str(run), "--steps", "2", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "student vs 50-step teacher: PSNR" in res.output
+
+    query = sorted((data / "hazelnut/test/colour").glob("*.jpg"))[0]
+    res = runner.invoke(app, ["transform", str(run), str(query), "--out", str(tmp_path / "pairs")])
+    assert res.exit_code == 0, res.output
+    pair = np.asarray(Image.open(tmp_path / "pairs" / f"{query.stem}_normal.png"))
+    assert pair.shape == (32, 64, 3)  # query | normal version at the tiny diffusion size
+
+    out = tmp_path / "r.json"
+    res = runner.invoke(app, ["eval", "--data", str(data), "--category", "hazelnut", "--profile", "tiny",
+                              "--shots", "1", "--seeds", "0", "--run", str(run), "--pool-size", "2",
+                              "--no-progress", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(out.read_text())
+    assert doc["branches"] == ["personalized", "pool", "text"] and doc["pool_size"] == 2
+    assert 0.0 <= doc["runs"][0]["image_auroc"] <= 1.0
+
+
+def test_distill_refuses_a_directory_that_is_not_a_run(tmp_path: Path) -> None:
+    res = runner.invoke(app, ["distill", str(tmp_path)])
+    assert res.exit_code == 2 and "o2n-edge personalize" in res.output
