@@ -84,6 +84,8 @@ def eval_cmd(
     run: Optional[Path] = typer.Option(None, "--run", help="A personalized run directory (from `o2n-edge personalize`), used for every shots/seed."),
     personalize: bool = typer.Option(False, "--personalize", help="Personalize and distil on the fly for every shots/seed (slow: minutes per run on CPU)."),
     pool_size: Optional[int] = typer.Option(None, "--pool-size", help="Generated images added to the memory bank (0 = shots only; default: the profile's)."),
+    personalize_steps: Optional[int] = typer.Option(None, "--personalize-steps", help="With --personalize: optimizer steps per run (default: the profile's)."),
+    distill_steps: Optional[int] = typer.Option(None, "--distill-steps", help="With --personalize: distillation steps per run (default: the profile's)."),
     split_csv: Optional[Path] = typer.Option(None, "--split-csv", help="VisA official split csv (default: <data>/split_csv/1cls.csv when present)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result document (per run and mean ± std) to this JSON file."),
     markdown_out: Optional[Path] = typer.Option(None, "--markdown", help="Also write the table as markdown to this file."),
@@ -109,7 +111,8 @@ def eval_cmd(
         if personalized_run:
             from o2n_edge.personalized_eval import make_normal_provider
 
-            provider = make_normal_provider(ds, prof, run_dir=run, pool_size=pool_size, progress=progress)
+            provider = make_normal_provider(ds, prof, run_dir=run, pool_size=pool_size, progress=progress,
+                                            personalize_steps=personalize_steps, distill_steps=distill_steps)
         elif "personalized" in chosen:
             fail("--branches personalized needs --run RUN_DIR or --personalize")
         result = evaluate(ds, prof, parse_int_list(shots, "--shots"), parse_int_list(seeds, "--seeds"), chosen,
@@ -257,6 +260,8 @@ def export_cmd(
     quantile: float = typer.Option(0.99, "--threshold-quantile", help="Threshold = this quantile of held-out good images' scores."),
     trt: bool = typer.Option(False, "--trt", help="Also build TensorRT engines (needs an NVIDIA GPU and o2n-edge[trt])."),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle and redo every export stage."),
+    personalize_steps: Optional[int] = typer.Option(None, "--personalize-steps", help="Personalization steps when no --run is given (default: the profile's)."),
+    distill_steps: Optional[int] = typer.Option(None, "--distill-steps", help="Distillation steps when no --run is given (default: the profile's)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress on stderr."),
 ) -> None:
     """Personalize, distil, export every graph to ONNX, calibrate the threshold, and write a verified bundle."""
@@ -272,7 +277,8 @@ def export_cmd(
             category=category, out=target, profile=profile, data=data,
             dataset=None if dataset == "auto" else dataset, shots=shots, seed=seed, run_dir=run, runs_dir=runs_dir,
             branches=branches, precision=precision, pool_size=pool_size, coreset_ratio=coreset,
-            threshold_quantile=quantile, force=force, progress=progress))
+            threshold_quantile=quantile, force=force, progress=progress,
+            personalize_steps=personalize_steps, distill_steps=distill_steps))
     except typer.Exit:
         raise
     except (FileExistsError, *USER_ERRORS) as exc:

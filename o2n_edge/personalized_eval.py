@@ -63,6 +63,8 @@ def make_normal_provider(
     progress: bool = True,
     runs_dir: Path = DEFAULT_RUNS_DIR,
     transform_seed: int = 0,
+    personalize_steps: int | None = None,
+    distill_steps: int | None = None,
 ):
     """A :class:`o2n_edge.evaluation.NormalProvider`: a fixed run, or one personalized per shots/seed."""
     from o2n_edge.diffusion import generate_pool, load_run, one_to_normal
@@ -76,7 +78,8 @@ def make_normal_provider(
             run = fixed
         else:
             target = runs_dir / run_name(ds, profile, shots, seed)
-            info.update(ensure_run(shot_paths, ds.category, profile, target, seed, progress))
+            info.update(ensure_run(shot_paths, ds.category, profile, target, seed, progress,
+                                   personalize_steps, distill_steps))
             run = load_run(target)
         t = time.perf_counter()
         pool = generate_pool(run, n_pool, seed=seed, progress=progress) if n_pool > 0 else None
