@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +51,8 @@ class ExportOptions:
     work_dir: Path | None = None
     personalize_steps: int | None = None
     distill_steps: int | None = None
+    base_model: Path | None = None  # sd15: local diffusers checkpoint
+    encoder_checkpoint: Path | None = None  # sd15: local open_clip checkpoint
 
 
 @dataclass
@@ -91,6 +93,10 @@ def export_bundle(opts: ExportOptions) -> ExportSummary:
     if opts.precision not in ("fp32", "fp16"):
         raise ValueError(f"--precision must be fp32 or fp16, got {opts.precision!r}")
     profile = get_profile(opts.profile)
+    if opts.base_model is not None:
+        profile = replace(profile, diffusion=replace(profile.diffusion, base_model=str(opts.base_model)))
+    if opts.encoder_checkpoint is not None:
+        profile = replace(profile, encoder=replace(profile.encoder, checkpoint=str(opts.encoder_checkpoint)))
     branches = parse_branches(opts.branches, profile)
     config = ScoringConfig.from_profile(profile, branches)
     out = Path(opts.out)

@@ -260,6 +260,8 @@ def export_cmd(
     quantile: float = typer.Option(0.99, "--threshold-quantile", help="Threshold = this quantile of held-out good images' scores."),
     trt: bool = typer.Option(False, "--trt", help="Also build TensorRT engines (needs an NVIDIA GPU and o2n-edge[trt])."),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle and redo every export stage."),
+    base_model: Optional[Path] = typer.Option(None, "--base-model", envvar="O2N_SD15", help="sd15: local diffusers SD-1.5 checkpoint directory (default: $O2N_SD15)."),
+    encoder_checkpoint: Optional[Path] = typer.Option(None, "--encoder-checkpoint", envvar="O2N_CLIP", help="sd15: local open_clip checkpoint for the vision/text encoder (default: $O2N_CLIP)."),
     personalize_steps: Optional[int] = typer.Option(None, "--personalize-steps", help="Personalization steps when no --run is given (default: the profile's)."),
     distill_steps: Optional[int] = typer.Option(None, "--distill-steps", help="Distillation steps when no --run is given (default: the profile's)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress on stderr."),
@@ -278,7 +280,8 @@ def export_cmd(
             dataset=None if dataset == "auto" else dataset, shots=shots, seed=seed, run_dir=run, runs_dir=runs_dir,
             branches=branches, precision=precision, pool_size=pool_size, coreset_ratio=coreset,
             threshold_quantile=quantile, force=force, progress=progress,
-            personalize_steps=personalize_steps, distill_steps=distill_steps))
+            personalize_steps=personalize_steps, distill_steps=distill_steps, base_model=base_model,
+            encoder_checkpoint=encoder_checkpoint))
     except typer.Exit:
         raise
     except (FileExistsError, *USER_ERRORS) as exc:

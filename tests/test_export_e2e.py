@@ -157,3 +157,33 @@ def test_server_with_the_real_pipeline(tiny_bundle, shared_data: Path, tmp_path:
     assert log.count() == 1
     assert client.post("/v1/inspect", content=b"", headers={"content-type": "image/png"}).status_code == 400
     assert log.count() == 1
+
+
+def test_export_sd15_classes_at_tiny_size(shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sd15 path (diffusers checkpoint + CLIP text encoder + LoRA + open_clip ViT) exports and verifies.
+
+    The checkpoint and the ViT are tiny random models of the production classes, so every shape,
+    LoRA fuse and export path of sd15 runs here in seconds.
+    """
+    from dataclasses import replace
+
+    from o2n_edge import profiles
+    from o2n_edge.diffusion import make_tiny_sd15_checkpoint
+    from o2n_edge.export.build import ExportOptions, export_bundle
+    from o2n_edge.runtime.bundle import verify_bundle
+
+    ckpt = make_tiny_sd15_checkpoint(tmp_path / "sd15")
+    sd15 = profiles.PROFILES["sd15"]
+    small = replace(sd15, encoder=replace(sd15.encoder, model_name="tiny", image_size=64),
+                    diffusion=replace(sd15.diffusion, image_size=32, pool_size=2))
+    monkeypatch.setitem(profiles.PROFILES, "sd15", small)
+    summary = export_bundle(ExportOptions(
+        category="hazelnut", out=tmp_path / "bundle", profile="sd15", data=shared_data / "hazelnut_toy",
+        shots=1, runs_dir=tmp_path / "runs", personalize_steps=2, distill_steps=1, base_model=ckpt, progress=False))
+    m = summary.manifest
+    assert m["profile"] == "sd15" and m["prompt"] == "a photo of sks hazelnut"
+    assert set(m["models"]) == {"image_encoder", "vae_encoder", "vae_decoder", "unet"}
+    assert m["models"]["unet"]["inputs"]["encoder_hidden_states"]["shape"][1:] == list(
+        np.load(summary.bundle / "prompt_embeds.npy").shape[1:])
+    assert verify_bundle(summary.bundle) == []
+    assert summary.parity["max_abs"] < SCORE_ATOL, summary.parity
