@@ -371,7 +371,7 @@ def inspect_cmd(
 
 
 BundleOpt = typer.Option(..., "--bundle", help="A bundle directory written by `o2n-edge export`.", exists=False)
-BackendOpt = typer.Option("cpu", "--backend", help="Execution: cpu, cuda (ORT CUDA EP) or tensorrt (ORT TensorRT EP); falls back to cpu with a log line when unavailable.")
+BackendOpt = typer.Option("cpu", "--backend", help="Execution: cpu, cuda (ORT CUDA EP), tensorrt (ORT TensorRT EP) or trt-native (the bundle's TensorRT engines); falls back to cpu with a log line when unavailable.")
 ThreadsOpt = typer.Option(0, "--threads", help="ONNX Runtime intra-op threads (0 = all cores).")
 
 

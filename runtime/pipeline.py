@@ -35,6 +35,8 @@ BACKENDS = {
     "cpu": ["CPUExecutionProvider"],
     "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
     "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+    # native TensorRT engines from the bundle's engines/ where valid; the rest on CUDA/CPU EPs
+    "trt-native": ["CUDAExecutionProvider", "CPUExecutionProvider"],
 }
 DEFAULT_BATCH = 8
 
@@ -128,6 +130,12 @@ class OrtPipeline:
         )
 
     def _session(self, name: str):
+        if self.options.backend == "trt-native":
+            from o2n_edge.runtime.trt_session import native_session
+
+            native = native_session(self.bundle, name)
+            if native is not None:
+                return native
         return _make_session(self.bundle.model_path(name), self.options, self.bundle.ort_disabled_optimizers(name))
 
     # ------------------------------------------------------------------ stages
