@@ -77,8 +77,8 @@ PROFILES: dict[str, Profile] = {
         name="lite",
         encoder=EncoderSpec(kind="efficientnet_lite0", image_size=224),
         diffusion=DiffusionSpec(
-            kind="lite", image_size=64, steps=4, strength=0.5, personalize_steps=2000,
-            distill_steps=500, pool_size=16,
+            kind="lite", image_size=64, steps=1, strength=0.3, personalize_steps=1350,
+            distill_steps=300, pool_size=16,
         ),
         has_text=False,
     ),

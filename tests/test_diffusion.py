@@ -23,17 +23,16 @@ from PIL import Image  # noqa: E402
 
 from o2n_edge.diffusion import (  # noqa: E402
     build_models,
-    distill,
     generate_pool,
     load_run,
     make_tiny_lora,
     make_tiny_sd15_checkpoint,
     one_to_normal,
-    personalize,
     transform_plan,
 )
+from o2n_edge.diffusion.distill import distill  # noqa: E402
 from o2n_edge.diffusion.models import SD15_ENV  # noqa: E402
-from o2n_edge.diffusion.personalize import augment  # noqa: E402
+from o2n_edge.diffusion.personalize import augment, personalize  # noqa: E402
 from o2n_edge.diffusion.run_dir import RunDir  # noqa: E402
 from o2n_edge.diffusion.transform import lcm_denoise, lcm_scheduler  # noqa: E402
 from o2n_edge.profiles import PROFILES  # noqa: E402
@@ -228,3 +227,8 @@ def test_sd15_path_on_tiny_checkpoint(tmp_path: Path, shared_data: Path) -> None
     assert dinfo["method"] == "lcd" and dinfo["student"] == "lora" and dinfo["losses"]["n"] == 2
     assert (out / "student" / "lora" / "pytorch_lora_weights.safetensors").is_file()
     assert load_run(out).student is not None
+    # Re-personalizing (here: resuming to 4 steps) changes the teacher: the old student goes.
+    personalize(shots, "hazelnut", spec, out, steps=4, lora_rank=4, prior_preservation=True,
+                num_class_images=2, progress=False)
+    assert json.loads((out / "run.json").read_text())["resumed_from"] == 3
+    assert not (out / "student").exists() and not (out / "distill.json").exists()

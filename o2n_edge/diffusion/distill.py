@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+import shutil
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -38,6 +39,7 @@ from o2n_edge.diffusion.models import (
     decode_latents,
     encode_latents,
     images_to_tensor,
+    resize_images,
     save_unet_lora,
 )
 from o2n_edge.diffusion.personalize import AUG_PER_SHOT, AugmentConfig, _latent_bank, augment
@@ -63,7 +65,7 @@ from o2n_edge.diffusion.transform import (
 )
 
 CHECKPOINT_FORMAT = 1
-DISTILL_CHECKPOINTS = "distill_checkpoints"
+DISTILL_CHECKPOINTS = "distill_checkpoints"  # = RunDir.distill_checkpoints
 NUM_DDIM_TIMESTEPS = 50  # the solver grid; matches LCMScheduler.original_inference_steps
 SIGMA_DATA = 0.5
 TIMESTEP_SCALING = 10.0
@@ -207,7 +209,7 @@ def distill(
     teacher = run.models.unet.to(dev).eval().requires_grad_(False)
     vae = run.models.vae.to(dev)
     if spec.kind == "sd15":
-        peft = require("peft", "sd15 distillation")
+        require("peft", "sd15 distillation")
         student = (_merge_lcm_lora(run, Path(lcm_lora), lcm_lora_scale, personal_lora_scale)
                    if lcm_lora is not None else copy.deepcopy(teacher))
         student = student.to(dev)
@@ -229,14 +231,15 @@ def distill(
         if ckpt is not None and (ckpt.get("format") != CHECKPOINT_FORMAT or ckpt.get("config") != asdict(cfg)):
             ckpt = None
         if not resume or ckpt is None:
-            import shutil
-
             shutil.rmtree(ckpt_dir, ignore_errors=True)
         start, losses, train_s = _lcd(
             run, teacher, student, vae, cfg, steps, ckpt, ckpt_dir,
             checkpoint_every or max(10, steps // 5), dev, progress,
         )
     student.eval().requires_grad_(False)
+    # From here the old student is being replaced: its distill.json must not outlive it.
+    rd.distill_json.unlink(missing_ok=True)
+    shutil.rmtree(rd.student_lora, ignore_errors=True)
     if mode == "lora" and steps > 0:
         with atomic_dir(rd.student_lora) as tmp:
             save_unet_lora(student, tmp)
@@ -407,7 +410,8 @@ def _psnr(mse: float) -> float:
 
 def measure_distances(run: LoadedRun, student: Any, device: Any = None, strength: float | None = None,
                       eval_steps: tuple[int, ...] = EVAL_STEPS, teacher_steps: int = TEACHER_STEPS,
-                      seed: int = EVAL_SEED, progress: bool = False) -> dict[str, Any]:
+                      seed: int = EVAL_SEED, progress: bool = False,
+                      images: np.ndarray | None = None) -> dict[str, Any]:
     """How far the few-step student lands from the teacher's 50-step DDIM result.
 
     Inputs: the shots plus a few augmented views, VAE-encoded (mean) and noised ONCE to the
@@ -416,15 +420,23 @@ def measure_distances(run: LoadedRun, student: Any, device: Any = None, strength
     MSE, pixel MSE (images in [0,1]) and PSNR of the decoded images vs the teacher's; the same for
     the *undistilled* teacher on the LCM schedule (the baseline distillation must beat), and the
     teacher's own PSNR to the clean input (how much the transform changes a normal image).
+
+    ``images`` (uint8 (N,H,W,3)) replaces the shots, e.g. held-out normals: on the shots a model
+    trained from scratch has memorized, every sampler lands on the same image and hides how much
+    multi-step re-noising drifts from the query.
     """
     torch = _torch()
     strength = run.spec.strength if strength is None else strength
     dev = device or next(student.parameters()).device
     teacher, vae, sf = run.models.unet, run.models.vae, run.models.scaling_factor
-    shots = run.shots
-    pixels = images_to_tensor(shots)
-    if EVAL_AUGMENTED:
-        pixels = torch.cat([pixels, augment(shots, EVAL_AUGMENTED, seed=seed)])
+    if images is not None:
+        pixels = images_to_tensor(resize_images(images, run.spec.image_size))
+        source = "images"
+    else:
+        pixels = images_to_tensor(run.shots)
+        if EVAL_AUGMENTED:
+            pixels = torch.cat([pixels, augment(run.shots, EVAL_AUGMENTED, seed=seed)])
+        source = f"shots + {EVAL_AUGMENTED} augmented views"
     pixels = pixels.to(dev)
     lat = encode_latents(vae, pixels, sf).to(dev)
     sched = lcm_scheduler(run)
@@ -444,6 +456,7 @@ def measure_distances(run: LoadedRun, student: Any, device: Any = None, strength
         "noise_timestep": int(first),
         "teacher": f"DDIM {teacher_steps} steps",
         "images": int(len(pixels)),
+        "source": source,
         "teacher_vs_input": {"pixel_mse": float(((ref_pix - clean_pix) ** 2).mean()),
                              "psnr": _psnr(float(((ref_pix - clean_pix) ** 2).mean()))},
         "vae_recon": {"psnr": _psnr(float(((to01(lat) - clean_pix) ** 2).mean()))},

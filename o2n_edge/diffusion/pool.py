@@ -11,8 +11,9 @@ Two ways to start sampling:
   diverse but each image stays on the category's manifold even when the model is weak.
 
 Default ``init="auto"``: ``noise`` for sd15 (a pretrained model generates faithful samples) and
-``shots`` for tiny/lite, whose models are trained from scratch on 1-8 images and, sampled from pure
-noise, produce blurry or off-colour images that would pollute the memory bank with false normals.
+``shots`` for tiny/lite, whose models are trained from scratch on 1-8 images: sampled from pure
+noise, 2 of 8 lite hazelnut samples came out as smeared, off-colour blobs (measured, 4 shots),
+which would put false normals into the memory bank; from shots at 0.8 all 8 were plausible nuts.
 """
 
 from __future__ import annotations

@@ -20,7 +20,11 @@ Layout::
       checkpoints/         step_NNNNNN.pt resumable training state (the 2 latest)
       student/unet/        distilled few-step student (full UNet, LoRA fused)
       student/lora/        sd15 consistency-distillation LoRA (if trained), diffusers format
+      distill_checkpoints/ step_NNNNNN.pt resumable distillation state (the 2 latest)
       distill.json         distillation settings + student-vs-teacher distances
+
+run.json is written last by ``personalize`` (its presence marks a complete run); distill.json is
+written last by ``distill``.
 """
 
 from __future__ import annotations
@@ -100,6 +104,10 @@ class RunDir:
     @property
     def checkpoints(self) -> Path:
         return self.root / CHECKPOINTS
+
+    @property
+    def distill_checkpoints(self) -> Path:
+        return self.root / "distill_checkpoints"
 
     @property
     def student(self) -> Path:

@@ -12,6 +12,11 @@ strength 0.3 with 4 steps runs 4 steps from t=299 (unlike the SD img2img convent
 ``int(4 * 0.3) = 1`` step would run). :func:`transform_plan` writes the exact timesteps and
 per-step constants, and every result reports ``steps_run``.
 
+More steps are not always closer to the teacher: each LCM step re-noises with fresh noise, so
+with a model trained from scratch on a few shots (lite) every extra step pulls the output towards
+a memorized shot. Measured on 6 held-out hazelnut normals at strength 0.3 (lite, 4 shots): student
+vs teacher-DDIM-50 PSNR 44.6 / 35.6 / 31.7 dB at 1 / 2 / 4 steps; hence lite runs 1 step.
+
 Noise is drawn from ``torch.Generator().manual_seed(seed)`` once per call for ONE image shape and
 broadcast over the batch: an image's normal version is a pure function of (image, seed), does not
 depend on its batch position, and the export can store the same noise (:func:`transform_noise`)
