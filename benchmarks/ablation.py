@@ -75,6 +75,7 @@ def run_one(ds, profile, encoder, test_cache, k, seed, runs_dir, p_steps, d_step
     shot_feats = [encode_images(encoder, augment_views(im)) for im in shot_imgs]
     pool_feats = encode_images(encoder, resize_uint8(pool, size))
     rec = {"dataset": ds.name, "category": ds.category, "shots": k, "seed": seed,
+           "transform": {"strength": run.spec.strength, "steps": run.spec.steps},
            "shot_images": [p.name for p in shot_paths], "pool_size": int(len(pool)),
            "distill": run.distill_info.get("distances", {}), **times, "variants": {}}
     for name, (branches, use_pool) in VARIANTS.items():
@@ -87,14 +88,30 @@ def run_one(ds, profile, encoder, test_cache, k, seed, runs_dir, p_steps, d_step
     return rec
 
 
-def summarize(records: list[dict]) -> tuple[list[dict], str]:
+def transform_settings(rec: dict, runs_dir: Path) -> str:
+    """'strength/steps' the run's transform actually used (from the record, else the run's run.json)."""
+    t = rec.get("transform")
+    if t is None:
+        from o2n_edge.personalized_eval import run_name
+
+        name = f"{rec['dataset']}-{rec['category']}-{rec['settings']['profile']}-k{rec['shots']}-s{rec['seed']}"
+        try:
+            spec = json.loads((runs_dir / name / "run.json").read_text())["spec"]
+            t = {"strength": spec["strength"], "steps": spec["steps"]}
+        except (OSError, KeyError, ValueError):
+            return "?"
+    return f"{t['strength']}/{t['steps']}"
+
+
+def summarize(records: list[dict], runs_dir: Path = Path("runs/ablation")) -> tuple[list[dict], str]:
     rows = []
     keys = sorted({(r["category"], r["shots"]) for r in records}, key=lambda x: ([c for _, _, c in SETS].index(x[0]), x[1]))
-    lines = ["| data set | shots | seeds | variant | image AUROC | image AP | pixel AUROC | PRO (0.3) | personalize s | distill s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| data set | shots | seeds | strength/steps | variant | image AUROC | image AP | pixel AUROC | PRO (0.3) | personalize s | distill s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for cat, k in keys:
         group = [r for r in records if r["category"] == cat and r["shots"] == k]
         seeds = ",".join(str(r["seed"]) for r in sorted(group, key=lambda r: r["seed"]))
+        settings = ",".join(sorted({transform_settings(r, runs_dir) for r in group}))
         for v in VARIANTS:
             row = {"category": cat, "shots": k, "seeds": seeds, "variant": v}
             cells = []
@@ -109,7 +126,7 @@ def summarize(records: list[dict]) -> tuple[list[dict], str]:
                     cells.append("—")
             ps = np.mean([r.get("personalize_s", np.nan) for r in group])
             dsec = np.mean([r.get("distill_s", np.nan) for r in group])
-            lines.append(f"| {cat} | {k} | {seeds} | {v} | " + " | ".join(cells) + f" | {ps:.0f} | {dsec:.0f} |")
+            lines.append(f"| {cat} | {k} | {seeds} | {settings} | {v} | " + " | ".join(cells) + f" | {ps:.0f} | {dsec:.0f} |")
             rows.append(row)
     return rows, "\n".join(lines) + "\n"
 
@@ -125,7 +142,17 @@ def main() -> None:
     ap.add_argument("--runs-dir", default="runs/ablation")
     ap.add_argument("--name", default=None)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--summarize-only", action="store_true", help="rebuild the table from the .runs.jsonl")
     args = ap.parse_args()
+    if args.summarize_only:
+        name = args.name or f"ablation_{args.profile}"
+        records = [json.loads(x) for x in (RESULTS / f"{name}.runs.jsonl").read_text().splitlines()]
+        rows, md = summarize(records, Path(args.runs_dir))
+        (RESULTS / f"{name}.json").write_text(json.dumps({"rows": rows, "runs": records}, indent=2) + "\n")
+        (RESULTS / f"{name}.md").write_text(f"# {name}\n\nImage AUROC etc. in percent, mean ± std over seeds; "
+                                             f"settings per run in {name}.runs.jsonl.\n\n" + md)
+        print(md)
+        return
     import torch
 
     torch.set_num_threads(args.threads)
@@ -159,7 +186,7 @@ def main() -> None:
             print(f"{category} k={k} seed={seed}: " + ", ".join(f"{v} {100 * m['image_auroc']:.1f}" for v, m in rec["variants"].items())
                   + f" ({rec['wall_s']:.0f}s)", flush=True)
             records = [json.loads(x) for x in jsonl.read_text().splitlines()]
-            rows, md = summarize(records)
+            rows, md = summarize(records, Path(args.runs_dir))
             (RESULTS / f"{name}.json").write_text(json.dumps({"rows": rows, "runs": records}, indent=2) + "\n")
             (RESULTS / f"{name}.md").write_text(f"# {name}\n\nImage AUROC etc. in percent, mean ± std over seeds; "
                                                  f"settings per run in {name}.runs.jsonl.\n\n" + md)
