@@ -29,7 +29,10 @@ from o2n_edge.profiles import BRANCHES, Profile
 
 KNN_CHUNK = 2048  # query patches per chunk of the nearest-neighbour search (bounds memory)
 TEXT_LOGIT_SCALE = 100.0  # CLIP's logit scale, as WinCLIP uses it
-NORM_EPS = 1e-3  # floor of a branch's standardization scale: a near-constant branch must not dominate
+NORM_EPS = 1e-3  # absolute floor of a branch's standardization scale
+# Relative floor: with 1-4 shots a global score has 1-4 reference values, whose spread says
+# nothing; without this floor a near-zero spread turns the global term into the whole score.
+NORM_REL_FLOOR = 0.1
 DEFAULT_NORM = (0.0, 1.0)
 
 
@@ -267,8 +270,10 @@ def score(
 
 
 def _standardization(values: list[torch.Tensor]) -> tuple[float, float]:
+    """(center, scale) of good images' values; the scale is floored at 10% of the center."""
     v = torch.cat([x.reshape(-1).double() for x in values])
-    return float(v.mean()), float(max(float(v.std(unbiased=False)), NORM_EPS))
+    center = float(v.mean())
+    return center, float(max(float(v.std(unbiased=False)), NORM_REL_FLOOR * abs(center), NORM_EPS))
 
 
 def build_reference(
