@@ -92,7 +92,6 @@ def transform_settings(rec: dict, runs_dir: Path) -> str:
     """'strength/steps' the run's transform actually used (from the record, else the run's run.json)."""
     t = rec.get("transform")
     if t is None:
-        from o2n_edge.personalized_eval import run_name
 
         name = f"{rec['dataset']}-{rec['category']}-{rec['settings']['profile']}-k{rec['shots']}-s{rec['seed']}"
         try:
