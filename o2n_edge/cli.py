@@ -289,7 +289,8 @@ def export_cmd(
     m = summary.manifest
     typer.echo(f"wrote {summary.bundle} ({summary.bytes / 1e6:.1f} MB, {m['precision']}, threshold {m['threshold']['value']:.4f})")
     for name, entry in m["models"].items():
-        typer.echo(f"  {name}: max |onnx - torch| = {max(entry['validation'].values()):.2e} (tolerance {entry['tolerance']:.0e})")
+        typer.echo(f"  {name}: max |onnx - torch| = {max(entry['validation'].values()):.2e} "
+                   f"(tolerance {entry['tolerance']:.0e} x max(1, max |torch output|))")
     typer.echo(f"  runtime vs torch scores: max |diff| = {summary.parity['max_abs']:.2e} on {summary.parity['n']} images")
     typer.echo("  wall s: " + ", ".join(f"{k} {v:.1f}" for k, v in summary.wall_s.items()))
     if trt:
