@@ -102,6 +102,17 @@ def transform_settings(rec: dict, runs_dir: Path) -> str:
     return f"{t['strength']}/{t['steps']}"
 
 
+def _stage_wall(rec: dict, key: str, json_name: str, runs_dir: Path) -> float:
+    """Wall seconds of a stage: from the record, else from the cached run's own json (its wall_s)."""
+    if key in rec:
+        return float(rec[key])
+    name = f"{rec['dataset']}-{rec['category']}-{rec['settings']['profile']}-k{rec['shots']}-s{rec['seed']}"
+    try:
+        return float(json.loads((runs_dir / name / json_name).read_text())["wall_s"])
+    except (OSError, KeyError, ValueError):
+        return float("nan")
+
+
 def summarize(records: list[dict], runs_dir: Path = Path("runs/ablation")) -> tuple[list[dict], str]:
     rows = []
     keys = sorted({(r["category"], r["shots"]) for r in records}, key=lambda x: ([c for _, _, c in SETS].index(x[0]), x[1]))
@@ -123,8 +134,8 @@ def summarize(records: list[dict], runs_dir: Path = Path("runs/ablation")) -> tu
                 else:
                     row[m] = None
                     cells.append("—")
-            ps = np.mean([r.get("personalize_s", np.nan) for r in group])
-            dsec = np.mean([r.get("distill_s", np.nan) for r in group])
+            ps = np.mean([_stage_wall(r, "personalize_s", "run.json", runs_dir) for r in group])
+            dsec = np.mean([_stage_wall(r, "distill_s", "distill.json", runs_dir) for r in group])
             lines.append(f"| {cat} | {k} | {seeds} | {settings} | {v} | " + " | ".join(cells) + f" | {ps:.0f} | {dsec:.0f} |")
             rows.append(row)
     return rows, "\n".join(lines) + "\n"
