@@ -200,7 +200,20 @@ class UNetWrapper(nn.Module):
         )[0]
 
 
-class VaeEncoderWrapper(nn.Module):
+class _ScaledVae(nn.Module):
+    """A VAE plus the latent scaling constants both VAE graphs bake in."""
+
+    def __init__(self, vae: Any) -> None:
+        super().__init__()
+        self.vae = vae
+        self.scaling_factor = float(_config_get(vae, "scaling_factor", 1.0))
+        self.shift_factor = float(_config_get(vae, "shift_factor", None) or 0.0)
+
+    def extra_repr(self) -> str:
+        return f"scaling_factor={self.scaling_factor}, shift_factor={self.shift_factor}"
+
+
+class VaeEncoderWrapper(_ScaledVae):
     """pixels in [-1, 1] (B,3,S,S) -> scaled latent MEAN (B,C,S/f,S/f).
 
     Deterministic on purpose: the one-to-normal transform encodes the query and then adds its
@@ -209,35 +222,17 @@ class VaeEncoderWrapper(nn.Module):
     latent space: the runtime never needs the VAE's constants.
     """
 
-    def __init__(self, vae: Any) -> None:
-        super().__init__()
-        self.vae = vae
-        self.scaling_factor = float(_config_get(vae, "scaling_factor", 1.0))
-        self.shift_factor = float(_config_get(vae, "shift_factor", None) or 0.0)
-
-    def extra_repr(self) -> str:
-        return f"scaling_factor={self.scaling_factor}, shift_factor={self.shift_factor}"
-
     def forward(self, pixels: Any) -> Any:
         mean = self.vae.encode(pixels).latent_dist.mean
         return (mean - self.shift_factor) * self.scaling_factor
 
 
-class VaeDecoderWrapper(nn.Module):
+class VaeDecoderWrapper(_ScaledVae):
     """scaled latents (B,C,s,s) -> pixels (B,3,s*f,s*f), nominally in [-1, 1], NOT clamped.
 
     Undoes :class:`VaeEncoderWrapper`'s scaling (``z / scaling_factor + shift_factor``) inside
     the graph; clamping and uint8 conversion are left to the runtime so errors stay visible.
     """
-
-    def __init__(self, vae: Any) -> None:
-        super().__init__()
-        self.vae = vae
-        self.scaling_factor = float(_config_get(vae, "scaling_factor", 1.0))
-        self.shift_factor = float(_config_get(vae, "shift_factor", None) or 0.0)
-
-    def extra_repr(self) -> str:
-        return f"scaling_factor={self.scaling_factor}, shift_factor={self.shift_factor}"
 
     def forward(self, latent: Any) -> Any:
         z = latent / self.scaling_factor + self.shift_factor

@@ -14,6 +14,7 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 
 from o2n_edge.data import Dataset, load_image, load_mask, sample_shots
+from o2n_edge.data.preprocess import resize_uint8
 from o2n_edge.metrics import compute_metrics, mean_std
 from o2n_edge.profiles import Profile
 from o2n_edge.progress import progress_iter
@@ -99,11 +100,11 @@ def evaluate(
                 views = normal_provider(shot_paths, k, seed)
                 info = dict(views.info)
                 if views.pool is not None and "pool" in config.branches:
-                    pool_feats = _encode(encoder, [_resize(im, size) for im in views.pool])
+                    pool_feats = _encode(encoder, resize_uint8(views.pool, size))
                 normal_of = views.normal_of
                 if "personalized" in config.branches:
                     assert normal_of is not None, "the run gives no normal versions"
-                    shot_normal = _encode(encoder, [_resize(im, size) for im in normal_of(np.stack(shot_imgs))])
+                    shot_normal = _encode(encoder, resize_uint8(normal_of(np.stack(shot_imgs)), size))
             reference = build_reference(shot_feats, config, text_features, pool_feats, shot_normal)
             scores, maps = [], []
             for start in progress_iter(range(0, len(samples), SCORE_BATCH), f"score k={k} seed={seed}", progress):
@@ -112,7 +113,7 @@ def evaluate(
                 normal_feats = None
                 if "personalized" in config.branches:
                     normals = normal_of(np.stack(images[idx]))
-                    normal_feats = _encode(encoder, [_resize(im, size) for im in normals])
+                    normal_feats = _encode(encoder, resize_uint8(normals, size))
                 res = score(batch, reference, config, normal_feats)
                 scores.append(res.scores)
                 maps.append(res.maps)
@@ -164,12 +165,3 @@ def _encode_batched(encoder, images: list[np.ndarray], label: str, progress: boo
     for start in progress_iter(range(0, len(images), SCORE_BATCH), label, progress):
         parts.append(_encode(encoder, images[start : start + SCORE_BATCH]))
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-
-def _resize(image: np.ndarray, size: int) -> np.ndarray:
-    """Square resize through PIL, the same path the loaders use."""
-    if image.shape[0] == size and image.shape[1] == size:
-        return image
-    from PIL import Image
-
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))

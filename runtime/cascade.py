@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 
 from o2n_edge.data.preprocess import resize_uint8
-from o2n_edge.runtime.pipeline import OrtPipeline
+from o2n_edge.runtime.pipeline import OrtPipeline, _ms
 from o2n_edge.runtime.scoring import Scorer
 from o2n_edge.runtime.types import InspectResult
 
@@ -113,7 +113,3 @@ class CascadePipeline:
 
     def inspect(self, image: np.ndarray) -> InspectResult:
         return self.inspect_batch([image])[0]
-
-
-def _ms(t0: float) -> float:
-    return (time.perf_counter() - t0) * 1000.0

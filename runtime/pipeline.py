@@ -15,7 +15,6 @@ that one array, exactly as the reference does.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -221,8 +220,3 @@ class OrtPipeline:
 
 def _ms(t0: float) -> float:
     return (time.perf_counter() - t0) * 1000.0
-
-
-def default_threads() -> int:
-    """Physical-ish core count for intra-op threads (the container may report more)."""
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
