@@ -42,9 +42,10 @@ def cheap_scorer(pipe: OrtPipeline) -> Scorer:
     pool = "pool" in cheap
     return Scorer(
         cheap_params,
-        pipe.bundle.array("memory_bank") if pool else None,
-        pipe.bundle.array("global_bank") if pool else None,
-        pipe.bundle.array("text_features") if "text" in cheap else None,
+        pipe.scorer.memory_bank if pool else None,
+        pipe.scorer.global_bank if pool else None,
+        pipe.scorer.text_features if "text" in cheap else None,
+        search=pipe.scorer.search,
     )
 
 

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from o2n_edge.data.preprocess import preprocess_numpy, resize_uint8
+from o2n_edge.runtime.bank_search import NearestSearch, NumpyBankSearch, OrtBankSearch
 from o2n_edge.runtime.bundle import Bundle, load_bundle
 from o2n_edge.runtime.scheduler import NumpyLCMScheduler
 from o2n_edge.runtime.scoring import Scorer, ScoringParams
@@ -50,6 +51,7 @@ class SessionOptions:
     graph_optimization: str = "all"  # disable | basic | extended | all
     enable_mem_arena: bool = True
     provider_options: dict[str, dict] = field(default_factory=dict)
+    bank_search: str = "onnxruntime"  # onnxruntime (the backend's provider) | numpy
 
 
 def _make_session(path: Path, opts: SessionOptions, disabled_optimizers: Sequence[str] = ()):
@@ -121,12 +123,23 @@ class OrtPipeline:
             self.timestep_dtype = np.int64 if m["models"]["unet"]["inputs"]["timestep"]["dtype"] == "int64" else np.float32
         text = self.bundle.array("text_features") if "text" in self.params.branches else None
         pool = "pool" in self.params.branches
+        bank = self.bundle.array("memory_bank") if pool else None
         self.scorer = Scorer(
             self.params,
-            self.bundle.array("memory_bank") if pool else None,
+            bank,
             self.bundle.array("global_bank") if pool else None,
             text,
+            search=self._bank_search(bank) if bank is not None else None,
         )
+
+    def _bank_search(self, bank: np.ndarray) -> NearestSearch:
+        """The memory-bank search on this pipeline's provider (TensorRT backends: its CUDA EP)."""
+        if self.options.bank_search == "numpy":
+            return NumpyBankSearch(bank)
+        if self.options.bank_search != "onnxruntime":
+            raise ValueError(f"unknown bank_search {self.options.bank_search!r}: choose onnxruntime or numpy")
+        backend = "cuda" if self.options.backend in ("tensorrt", "trt-native") else self.options.backend
+        return OrtBankSearch(bank, lambda path: _make_session(path, replace(self.options, backend=backend)))
 
     def _session(self, name: str):
         if self.options.backend == "trt-native":

@@ -3,9 +3,10 @@
 The maths is the reference's, step for step; a parity test holds the two together. Two things
 differ only in how they are computed, for speed on a line-side CPU:
 
-- the nearest-neighbour search finds the neighbour with a float32 matrix product and then
-  recomputes that neighbour's distance exactly in float64, so scores match the reference's
-  float64 ``cdist`` while the search costs one GEMM;
+- the nearest-neighbour search finds the neighbour with one float32 matrix product (numpy, or
+  the pipeline's ONNX Runtime session: ``runtime.bank_search``) and then recomputes that
+  neighbour's distance exactly in float64, so scores match the reference's float64 ``cdist``
+  whichever search ran;
 - upsampling (bilinear, align_corners=False) and gaussian smoothing (reflect padding) are both
   linear and separable, so they are folded into one (S, h) matrix ``A`` and applied as
   ``A @ map @ A.T``.
@@ -19,6 +20,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
+
+from o2n_edge.runtime.bank_search import NearestSearch, NumpyBankSearch
 
 KNN_CHUNK = 1024  # query rows per GEMM chunk: bounds the (chunk x bank) distance matrix
 TEXT_LOGIT_SCALE = 100.0
@@ -61,25 +64,21 @@ class RuntimeScores:
     global_scores: dict[str, np.ndarray]
 
 
-def knn_distance(queries: np.ndarray, bank: np.ndarray, bank_sq: np.ndarray | None = None) -> np.ndarray:
-    """Exact nearest-neighbour L2 distance (float64) of each query row; search by float32 GEMM."""
+def knn_distance(queries: np.ndarray, bank: np.ndarray, search: NearestSearch | None = None) -> np.ndarray:
+    """Exact nearest-neighbour L2 distance (float64) of each query row; ``search`` picks the row."""
+    search = search or NumpyBankSearch(bank)
     q32 = queries.astype(np.float32, copy=False)
-    b32 = bank.astype(np.float32, copy=False)
-    if bank_sq is None:
-        bank_sq = np.einsum("ij,ij->i", b32, b32)
     out = np.empty(len(queries), dtype=np.float64)
     for start in range(0, len(queries), KNN_CHUNK):
-        q = q32[start : start + KNN_CHUNK]
-        d2 = bank_sq[None, :] - 2.0 * (q @ b32.T)  # ||q||^2 is constant per row: not needed to pick
-        idx = np.argmin(d2, axis=1)
+        idx = search(q32[start : start + KNN_CHUNK])
         diff = queries[start : start + KNN_CHUNK].astype(np.float64) - bank[idx].astype(np.float64)
         out[start : start + KNN_CHUNK] = np.sqrt(np.einsum("ij,ij->i", diff, diff))
     return out
 
 
-def pool_map(patch: np.ndarray, bank: np.ndarray, bank_sq: np.ndarray | None = None) -> np.ndarray:
+def pool_map(patch: np.ndarray, bank: np.ndarray, search: NearestSearch | None = None) -> np.ndarray:
     b, h, w, d = patch.shape
-    return knn_distance(patch.reshape(-1, d), bank, bank_sq).reshape(b, h, w)
+    return knn_distance(patch.reshape(-1, d), bank, search).reshape(b, h, w)
 
 
 def personalized_map(patch: np.ndarray, normal_patch: np.ndarray, radius: int) -> np.ndarray:
@@ -184,16 +183,17 @@ class Scorer:
         memory_bank: np.ndarray | None,
         global_bank: np.ndarray | None,
         text_features: np.ndarray | None = None,
+        search: NearestSearch | None = None,
     ) -> None:
+        """``search``: the bank search to use (e.g. ``OrtBankSearch``); numpy's when None."""
         self.params = params
         self.memory_bank = memory_bank
         self.global_bank = global_bank
         self.text_features = text_features
-        self.bank_sq = None
+        self.search: NearestSearch | None = None
         if "pool" in params.branches:
             assert memory_bank is not None and global_bank is not None, "pool branch needs the memory bank"
-            b32 = memory_bank.astype(np.float32)
-            self.bank_sq = np.einsum("ij,ij->i", b32, b32)
+            self.search = search or NumpyBankSearch(memory_bank)
         if "text" in params.branches:
             assert text_features is not None, "text branch needs text features"
 
@@ -204,7 +204,7 @@ class Scorer:
         maps: dict[str, np.ndarray] = {}
         globals_: dict[str, np.ndarray] = {}
         if "pool" in p.branches:
-            maps["pool"] = pool_map(feats["patch"], self.memory_bank, self.bank_sq)
+            maps["pool"] = pool_map(feats["patch"], self.memory_bank, self.search)
             globals_["pool"] = cosine_distance_to_bank(feats["global"], self.global_bank)
         if "personalized" in p.branches:
             if normal_feats is None:

@@ -1,0 +1,55 @@
+"""The memory-bank search: the shipped ONNX graph, and that every search finds the true nearest row."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from o2n_edge.runtime.bank_search import GRAPH_PATH, NumpyBankSearch, OrtBankSearch
+from o2n_edge.runtime.scoring import KNN_CHUNK, knn_distance
+
+
+def _cpu_session(path):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+
+
+def test_shipped_graph_is_what_the_generator_writes() -> None:
+    from o2n_edge.export.bank_search_graph import build_bank_search_graph
+
+    assert GRAPH_PATH.read_bytes() == build_bank_search_graph(), (
+        "runtime/static/bank_search.onnx is stale: run python -m o2n_edge.export.bank_search_graph")
+
+
+@pytest.mark.parametrize("n,m,d", [(7, 1, 3), (300, 500, 24), (KNN_CHUNK + 5, 2000, 152)])
+@pytest.mark.parametrize("search_kind", ["numpy", "onnxruntime"])
+def test_search_finds_the_brute_force_nearest_row(n: int, m: int, d: int, search_kind: str) -> None:
+    rng = np.random.default_rng(n + m)
+    bank = rng.normal(size=(m, d)).astype(np.float32) * 3.0
+    queries = (bank[rng.integers(0, m, n)] + rng.normal(scale=0.5, size=(n, d))).astype(np.float32)
+    search = NumpyBankSearch(bank) if search_kind == "numpy" else OrtBankSearch(bank, _cpu_session)
+    idx = search(queries)
+    assert idx.shape == (n,) and idx.dtype == np.int64
+    exact = np.sqrt(((queries[:, None, :].astype(np.float64) - bank[None].astype(np.float64)) ** 2).sum(-1))
+    # float32 search vs float64 truth: a near-tie may pick the other row, never a farther one
+    np.testing.assert_allclose(exact[np.arange(n), idx], exact.min(axis=1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(knn_distance(queries, bank, search), exact.min(axis=1), rtol=1e-5, atol=1e-5)
+
+
+def test_both_searches_give_the_same_scores() -> None:
+    from o2n_edge.runtime.scoring import Scorer, ScoringParams
+
+    rng = np.random.default_rng(3)
+    bank = rng.normal(size=(400, 16)).astype(np.float32)
+    params = ScoringParams(branches=("pool",), weights={"pool": 1.0}, image_size=28, topk_fraction=0.02,
+                           global_weight=0.5, smoothing_sigma=1.0, neighborhood=1)
+    feats = {"patch": rng.normal(size=(3, 7, 7, 16)).astype(np.float32),
+             "global": rng.normal(size=(3, 8)).astype(np.float32)}
+    global_bank = rng.normal(size=(5, 8)).astype(np.float32)
+    a = Scorer(params, bank, global_bank).score(feats)
+    b = Scorer(params, bank, global_bank, search=OrtBankSearch(bank, _cpu_session)).score(feats)
+    np.testing.assert_allclose(a.scores, b.scores, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(a.maps, b.maps, rtol=1e-6, atol=1e-6)
