@@ -13,8 +13,9 @@ distance exactly in float64, so the score does not depend on which search found 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 

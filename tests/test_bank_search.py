@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from o2n_edge.runtime.bank_search import GRAPH_PATH, NumpyBankSearch, OrtBankSearch
 from o2n_edge.runtime.scoring import KNN_CHUNK, knn_distance
 
