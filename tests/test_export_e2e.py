@@ -206,3 +206,18 @@ def test_bank_search_on_onnxruntime_and_numpy_agree(tiny_bundle, shared_data: Pa
     np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-9)
     with pytest.raises(ValueError, match="bank_search"):
         OrtPipeline(tiny_bundle.bundle, SessionOptions(bank_search="faiss"))
+
+
+def test_variants_study_compares_against_the_reference(tiny_bundle, shared_data: Path, tmp_path: Path) -> None:
+    """Same bundle twice: zero cost; an int8 copy: scored, its cost and score change reported."""
+    from o2n_edge.bench.quantize import quantized_overrides
+    from o2n_edge.bench.variants import Variant, variants_study
+
+    b = Path(tiny_bundle.bundle)
+    doc = variants_study([Variant("fp32", b), Variant("again", b), Variant("int8", b, quantized_overrides(b, cache_dir=tmp_path))],
+                         shared_data / "hazelnut_toy", None, "hazelnut", threads=1)
+    ref, again, int8 = doc["rows"]
+    assert doc["test_images"] == len(ref["scores"]) > 0 and doc["has_masks"]
+    assert 0.0 <= ref["image_auroc"] <= 1.0 and 0.0 <= ref["pixel_auroc"] <= 1.0
+    assert again["image_auroc_cost"] == 0.0 and again["max_abs_score_diff"] == 0.0
+    assert int8["graphs_swapped"] == ["image_encoder", "unet"] and int8["max_abs_score_diff"] > 0.0
