@@ -30,17 +30,19 @@ def main() -> None:
     p.add_argument("--knobs", action="store_true", help="also ORT knobs and int8 (needs --data/--category)")
     p.add_argument("--data", type=Path, default=None)
     p.add_argument("--category", default="hazelnut")
+    p.add_argument("--name", default=None, help="result file name (default latency_<profile>)")
+    p.add_argument("--note", default="", help="a paragraph written under the machine stamp")
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args()
     doc = bench_main(a.bundle, None, a.backends.split(","), ["fp32"], [int(x) for x in a.batch.split(",")], [],
-                     a.out, a.warmup, a.iters, a.threads, a.run_dir)
+                     a.out, a.warmup, a.iters, a.threads, a.run_dir, a.name, a.note)
     print(open(doc["paths"]["md"]).read())
     if a.knobs:
         from o2n_edge.bench.quantize import int8_study, knob_study, knobs_markdown
         from o2n_edge.bench.report import write_json, write_text
 
         set_threads(a.threads)
-        kdoc = {"name": f"ort_knobs_{doc['results'][0]['profile']}", "machine": machine_stamp(a.threads),
+        kdoc = {"name": doc["name"].replace("latency_", "ort_knobs_", 1), "machine": machine_stamp(a.threads),
                 "note": "Knob settings run interleaved in one loop; int8 = fp32 vs int8 interleaved, accuracy on "
                         "every test image of the category through the runtime.",
                 "results": [knob_study(a.bundle, a.warmup, a.iters)]}

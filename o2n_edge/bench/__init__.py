@@ -11,11 +11,12 @@ from pathlib import Path
 
 def bench_main(bundle: Path | None, profile: str | None, backends: list[str], precision: list[str],
                batch: list[int], resolution: list[int], out_dir: Path, warmup: int, iters: int,
-               threads: int, run_dir: Path | None = None) -> dict:
+               threads: int, run_dir: Path | None = None, name: str | None = None, note: str = "") -> dict:
     """See :func:`o2n_edge.bench.suite.bench_main`."""
     from o2n_edge.bench.suite import bench_main as _main
 
-    return _main(bundle, profile, backends, precision, batch, resolution, out_dir, warmup, iters, threads, run_dir)
+    return _main(bundle, profile, backends, precision, batch, resolution, out_dir, warmup, iters, threads, run_dir,
+                 name, note)
 
 
 __all__ = ["bench_main"]

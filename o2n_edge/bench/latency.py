@@ -106,12 +106,13 @@ def jpeg_bytes(image: np.ndarray, quality: int = 95) -> bytes:
 
 
 def ort_session_options(threads: int, graph_optimization: str = "all", mem_arena: bool = True,
-                        backend: str = "ort-cpu") -> Any:
+                        backend: str = "ort-cpu", bank_search: str = "onnxruntime") -> Any:
     """The runtime's SessionOptions with the benchmark's thread count."""
     from o2n_edge.runtime.pipeline import SessionOptions
 
     return SessionOptions(backend=ORT_BACKEND_NAME[backend], intra_op_threads=int(threads), inter_op_threads=1,
-                          graph_optimization=graph_optimization, enable_mem_arena=mem_arena)
+                          graph_optimization=graph_optimization, enable_mem_arena=mem_arena,
+                          bank_search=bank_search)
 
 
 def open_ort(bundle: Path, threads: int, backend: str = "ort-cpu", overrides: dict[str, Path] | None = None,

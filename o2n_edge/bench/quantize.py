@@ -24,6 +24,8 @@ KNOB_SETTINGS = (
     {"name": "threads=2, opt=all, arena=on", "threads": 2, "graph_optimization": "all", "mem_arena": True},
     {"name": "threads=1, opt=basic, arena=on", "threads": 1, "graph_optimization": "basic", "mem_arena": True},
     {"name": "threads=1, opt=all, arena=off", "threads": 1, "graph_optimization": "all", "mem_arena": False},
+    {"name": "threads=1, opt=all, arena=on, bank search numpy", "threads": 1, "graph_optimization": "all",
+     "mem_arena": True, "bank_search": "numpy"},
 )
 
 
@@ -97,7 +99,7 @@ def knob_study(bundle: Path, warmup: int, iters: int, settings: tuple[dict, ...]
     runners = []
     for s in settings:
         r = make_runner("ort-cpu", bundle, s["threads"], graph_optimization=s["graph_optimization"],
-                        mem_arena=s["mem_arena"])
+                        mem_arena=s["mem_arena"], bank_search=s.get("bank_search", "onnxruntime"))
         r.name = s["name"]
         runners.append(r)
     run_interleaved(runners, source_images(1), warmup, iters)
@@ -106,8 +108,13 @@ def knob_study(bundle: Path, warmup: int, iters: int, settings: tuple[dict, ...]
         summ = summarize(r.samples, 1)
         rows.append({"setting": r.name, "iters": len(r.samples), "end_to_end_ms": summ["end_to_end_ms"],
                      "model_ms_p50": summ.get("model_ms_p50"),
+                     "scoring_p50": summ["stages_ms"].get("scoring", {}).get("p50"),
                      "unet_step_p50": [v["p50"] for k, v in summ["stages_ms"].items() if k.startswith("unet_step")]})
     return {"kind": "ort_knobs", "bundle": str(bundle), "rows": rows}
+
+
+def _opt(x: float | None) -> str:
+    return "—" if x is None else f"{x:.1f}"
 
 
 def knobs_markdown(doc: dict[str, Any]) -> str:
@@ -118,11 +125,13 @@ def knobs_markdown(doc: dict[str, Any]) -> str:
     for r in doc["results"]:
         if r["kind"] == "ort_knobs":
             lines += [f"## ORT CPU knobs — `{r['bundle']}` (batch 1, interleaved)", "",
-                      "| setting | iters | e2e p50 ms | p90 | model ms p50 | UNet step p50s |", "|---|---|---|---|---|---|"]
+                      "| setting | iters | e2e p50 ms | p90 | model ms p50 | scoring p50 ms | UNet step p50s |",
+                      "|---|---|---|---|---|---|---|"]
             for x in r["rows"]:
                 e = x["end_to_end_ms"]
                 lines.append(f"| {x['setting']} | {x['iters']} | {e['p50']:.1f} | {e['p90']:.1f} | "
-                             f"{x['model_ms_p50']:.1f} | {', '.join(f'{v:.1f}' for v in x['unet_step_p50'])} |")
+                             f"{x['model_ms_p50']:.1f} | {_opt(x.get('scoring_p50'))} | "
+                             f"{', '.join(f'{v:.1f}' for v in x['unet_step_p50'])} |")
         if r["kind"] == "int8":
             a = r["accuracy"]
             lines += [f"## int8 dynamic quantization ({', '.join(r['quantized'])}) — `{r['bundle']}`", "",

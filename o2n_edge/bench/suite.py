@@ -41,7 +41,7 @@ def latency_targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def bench_main(bundle: Path | None, profile: str | None, backends: list[str], precision: list[str],
                batch: list[int], resolution: list[int], out_dir: Path, warmup: int, iters: int,
-               threads: int, run_dir: Path | None = None) -> dict:
+               threads: int, run_dir: Path | None = None, name: str | None = None, note: str = "") -> dict:
     """Run the latency benchmark and write JSON + markdown + PNG into ``out_dir``.
 
     - ``bundle``: per-stage latency of that bundle for each backend (``torch`` = eager reference,
@@ -52,6 +52,7 @@ def bench_main(bundle: Path | None, profile: str | None, backends: list[str], pr
       ``resolution`` (seeded random weights), torch vs ORT CPU, batch 1.
     ``run_dir``: the personalized run the bundle was exported from, for the torch rows (default:
     where `o2n-edge export` caches it, ``runs/export-<dataset>-<category>-<profile>-k<k>-s<seed>``).
+    ``name``: the result files' name (default ``latency_<profile>``); ``note``: a paragraph for them.
     Returns the result document (with ``paths``).
     """
     from o2n_edge.bench.latency import BACKENDS, bench_bundle, speedups
@@ -102,8 +103,8 @@ def bench_main(bundle: Path | None, profile: str | None, backends: list[str], pr
         if prec != "fp16":
             results.append({"kind": "note", "profile": "fp16", "rows": [{"backend": "ort-cpu", "status": UNAVAILABLE,
                             "reason": f"the bundle is {prec}: export with --precision fp16 (fp16 pays off on GPUs)"}]})
-    name = f"latency_{results[0]['profile'] if results else 'bundle'}"
-    doc = {"name": name, "machine": machine, "settings": {"warmup": warmup, "iters": iters, "threads": threads,
+    name = name or f"latency_{results[0]['profile'] if results else 'bundle'}"
+    doc = {"name": name, "machine": machine, "note": note, "settings": {"warmup": warmup, "iters": iters, "threads": threads,
            "batch": batch, "backends": backends, "precision": precision}, "results": results,
            "targets": latency_targets(results)}
     doc["paths"] = write_latency(doc, Path(out_dir))
