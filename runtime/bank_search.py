@@ -62,15 +62,18 @@ class OrtBankSearch:
 
     name = "onnxruntime"
 
-    def __init__(self, bank: np.ndarray, make_session: Callable[[Path], Any]) -> None:
+    def __init__(self, bank: np.ndarray, make_session: Callable[[Path], Any], bind_bank: bool | None = None) -> None:
+        """``bind_bank``: keep the bank in an OrtValue bound per call; default: only on CUDA."""
         self.bank_t = augmented_bank(bank)
         self.session = make_session(GRAPH_PATH)
         self.provider = self.session.get_providers()[0]
+        on_gpu = self.provider == "CUDAExecutionProvider"
         self._bank_on_device = None
-        if self.provider == "CUDAExecutionProvider":
+        if on_gpu if bind_bank is None else bind_bank:
             import onnxruntime as ort
 
-            self._bank_on_device = ort.OrtValue.ortvalue_from_numpy(self.bank_t, "cuda", 0)
+            device = "cuda" if on_gpu else "cpu"
+            self._bank_on_device = ort.OrtValue.ortvalue_from_numpy(self.bank_t, device, 0)
 
     def __call__(self, queries: np.ndarray) -> np.ndarray:
         q = augmented_queries(queries)

@@ -24,12 +24,16 @@ def test_shipped_graph_is_what_the_generator_writes() -> None:
 
 
 @pytest.mark.parametrize("n,m,d", [(7, 1, 3), (300, 500, 24), (KNN_CHUNK + 5, 2000, 152)])
-@pytest.mark.parametrize("search_kind", ["numpy", "onnxruntime"])
+@pytest.mark.parametrize("search_kind", ["numpy", "onnxruntime", "onnxruntime-bound"])
 def test_search_finds_the_brute_force_nearest_row(n: int, m: int, d: int, search_kind: str) -> None:
     rng = np.random.default_rng(n + m)
     bank = rng.normal(size=(m, d)).astype(np.float32) * 3.0
     queries = (bank[rng.integers(0, m, n)] + rng.normal(scale=0.5, size=(n, d))).astype(np.float32)
-    search = NumpyBankSearch(bank) if search_kind == "numpy" else OrtBankSearch(bank, _cpu_session)
+    if search_kind == "numpy":
+        search = NumpyBankSearch(bank)
+    else:  # "bound": the IO-binding path a GPU takes, here with the bank as a CPU OrtValue
+        search = OrtBankSearch(bank, _cpu_session, bind_bank=search_kind.endswith("bound"))
+        assert (search._bank_on_device is not None) == search_kind.endswith("bound")
     idx = search(queries)
     assert idx.shape == (n,) and idx.dtype == np.int64
     exact = np.sqrt(((queries[:, None, :].astype(np.float64) - bank[None].astype(np.float64)) ** 2).sum(-1))
