@@ -92,6 +92,8 @@ def export_bundle(opts: ExportOptions) -> ExportSummary:
     t_all = time.perf_counter()
     if opts.precision not in ("fp32", "fp16"):
         raise ValueError(f"--precision must be fp32 or fp16, got {opts.precision!r}")
+    if opts.coreset_ratio is not None and not 0.0 < opts.coreset_ratio <= 1.0:
+        raise ValueError(f"--coreset must be a fraction in (0, 1] (1 = the whole bank), got {opts.coreset_ratio}")
     profile = get_profile(opts.profile)
     if opts.base_model is not None:
         profile = replace(profile, diffusion=replace(profile.diffusion, base_model=str(opts.base_model)))
@@ -154,10 +156,12 @@ def export_bundle(opts: ExportOptions) -> ExportSummary:
     reference = build_reference(shot_feats, config, text_features, pool_feats, shot_normal)
     bank_rows = int(reference.memory_bank.shape[0])
     coreset_info = {"ratio": 1.0, "rows_before": bank_rows, "rows_after": bank_rows}
-    if opts.coreset_ratio is not None or bank_rows > MAX_BANK_ROWS:
+    wanted = opts.coreset_ratio if opts.coreset_ratio is not None else profile.coreset_ratio
+    if (wanted is not None and wanted < 1.0) or bank_rows > MAX_BANK_ROWS:
         from o2n_edge.export.coreset import greedy_coreset
 
-        ratio = opts.coreset_ratio if opts.coreset_ratio is not None else MAX_BANK_ROWS / bank_rows
+        ratio = wanted if wanted is not None and wanted < 1.0 else min(1.0, MAX_BANK_ROWS / bank_rows)
+        _say(opts.progress, f"coreset: keeping {ratio:g} of {bank_rows} memory-bank rows")
         idx = greedy_coreset(reference.memory_bank, ratio, seed=opts.seed, max_rows=MAX_BANK_ROWS)
         reference.memory_bank = reference.memory_bank[idx]
         coreset_info = {"ratio": float(ratio), "rows_before": bank_rows, "rows_after": int(len(idx)),

@@ -221,3 +221,28 @@ def test_variants_study_compares_against_the_reference(tiny_bundle, shared_data:
     assert 0.0 <= ref["image_auroc"] <= 1.0 and 0.0 <= ref["pixel_auroc"] <= 1.0
     assert again["image_auroc_cost"] == 0.0 and again["max_abs_score_diff"] == 0.0
     assert int8["graphs_swapped"] == ["image_encoder", "unet"] and int8["max_abs_score_diff"] > 0.0
+
+
+def test_profile_coreset_default_and_override(tiny_bundle, shared_data: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A profile's coreset ratio shrinks the exported bank; --coreset 1 keeps it whole; bad ratios are refused."""
+    from dataclasses import replace
+
+    from o2n_edge import profiles
+    from o2n_edge.export.build import ExportOptions, export_bundle
+
+    monkeypatch.setitem(profiles.PROFILES, "tiny", replace(profiles.PROFILES["tiny"], coreset_ratio=0.5))
+    common = dict(category="hazelnut", profile="tiny", data=shared_data / "hazelnut_toy", shots=2, seed=0,
+                  run_dir=_run_dir(tiny_bundle), pool_size=2, progress=False)
+    full_rows = json.loads((tiny_bundle.bundle / "manifest.json").read_text())["memory_bank"]["rows"]
+    half = json.loads((export_bundle(ExportOptions(out=tmp_path / "half", **common)).bundle
+                       / "manifest.json").read_text())["memory_bank"]
+    assert half["coreset"]["ratio"] == 0.5 and half["rows"] == round(full_rows * 0.5)
+    whole = json.loads((export_bundle(ExportOptions(out=tmp_path / "whole", coreset_ratio=1.0, **common)).bundle
+                        / "manifest.json").read_text())["memory_bank"]
+    assert whole["rows"] == full_rows and whole["coreset"]["ratio"] == 1.0
+    for bad in ("0", "1.5"):
+        res = runner.invoke(app, ["export", "--category", "hazelnut", "--profile", "tiny", "--data",
+                                  str(shared_data / "hazelnut_toy"), "--coreset", bad, "--out", str(tmp_path / bad)])
+        assert res.exit_code != 0 and "--coreset must be a fraction in (0, 1]" in res.output, res.output
+        assert not (tmp_path / bad).exists()
