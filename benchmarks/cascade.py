@@ -19,7 +19,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--set", action="append", required=True, help="BUNDLE:DATA:CATEGORY")
+    p.add_argument("--set", action="append", required=True,
+                   help="BUNDLE:DATA:CATEGORY (DATA 'textile' = the built-in textile set)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--latency-images", type=int, default=60)
     p.add_argument("--name", default="cascade")
@@ -29,8 +30,9 @@ def main() -> None:
     doc = {"name": a.name, "machine": machine_stamp(a.threads), "protocol": " ".join(PROTOCOL.split()), "results": []}
     for s in a.set:
         bundle, data, category = s.split(":")
-        doc["results"].append(cascade_study(Path(bundle), Path(data), category, a.threads,
-                                            latency_images=a.latency_images))
+        builtin = data == "textile"
+        doc["results"].append(cascade_study(Path(bundle), None if builtin else Path(data), category, a.threads,
+                                            latency_images=a.latency_images, dataset="textile" if builtin else None))
     write_json(a.out / f"{a.name}.json", doc)
     write_text(a.out / f"{a.name}.md", cascade_markdown(doc))
     print(cascade_markdown(doc))

@@ -26,7 +26,7 @@ import numpy as np
 
 from o2n_edge.data.preprocess import resize_uint8
 from o2n_edge.runtime.pipeline import OrtPipeline, _ms
-from o2n_edge.runtime.scoring import Scorer
+from o2n_edge.runtime.scoring import RuntimeScores, Scorer
 from o2n_edge.runtime.types import InspectResult
 
 EXPENSIVE_BRANCH = "personalized"
@@ -98,7 +98,10 @@ class CascadePipeline:
             normal_feats = self.pipe.encode(normals)
             full_t["image_encoder_normal"] = _ms(t0)
             t0 = time.perf_counter()
-            res = self.pipe.scorer.score({k: v[idx] for k, v in feats.items()}, normal_feats)
+            known = RuntimeScores(scores=cheap.scores[idx], maps=cheap.maps[idx],
+                                  branch_maps={k: v[idx] for k, v in cheap.branch_maps.items()},
+                                  global_scores={k: v[idx] for k, v in cheap.global_scores.items()})
+            res = self.pipe.scorer.score({k: v[idx] for k, v in feats.items()}, normal_feats, known)
             full_t["scoring"] = _ms(t0)
             for j, i in enumerate(idx):
                 s = float(res.scores[j])

@@ -197,21 +197,33 @@ class Scorer:
             assert text_features is not None, "text branch needs text features"
 
     def branch_outputs(
-        self, feats: dict[str, np.ndarray], normal_feats: dict[str, np.ndarray] | None = None
+        self,
+        feats: dict[str, np.ndarray],
+        normal_feats: dict[str, np.ndarray] | None = None,
+        known: RuntimeScores | None = None,
     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Per-branch maps and global scores; branches already in ``known`` are taken from it.
+
+        ``known``: scores of the same images from a scorer of a subset of the branches (the
+        cascade's cheap pass), so a branch is never computed twice for one image.
+        """
         p = self.params
         maps: dict[str, np.ndarray] = {}
         globals_: dict[str, np.ndarray] = {}
-        if "pool" in p.branches:
+        if known is not None:
+            for b in p.branches:
+                if b in known.branch_maps:
+                    maps[b], globals_[b] = known.branch_maps[b], known.global_scores[b]
+        if "pool" in p.branches and "pool" not in maps:
             maps["pool"] = pool_map(feats["patch"], self.memory_bank, self.search)
             globals_["pool"] = cosine_distance_to_bank(feats["global"], self.global_bank)
-        if "personalized" in p.branches:
+        if "personalized" in p.branches and "personalized" not in maps:
             if normal_feats is None:
                 raise ValueError("the personalized branch needs the normal versions' features")
             maps["personalized"] = personalized_map(feats["patch"], normal_feats["patch"], p.neighborhood)
             cos = np.einsum("bg,bg->b", _normalize(feats["global"]), _normalize(normal_feats["global"]))
             globals_["personalized"] = 1.0 - cos
-        if "text" in p.branches:
+        if "text" in p.branches and "text" not in maps:
             maps["text"] = text_probability(feats["patch_text"], self.text_features)
             globals_["text"] = text_probability(feats["global"], self.text_features)
         return maps, globals_
@@ -229,8 +241,14 @@ class Scorer:
             fused_global = fused_global + w * (globals_[b] - gc) / gs
         return np.asarray(fused_map), np.asarray(fused_global)
 
-    def score(self, feats: dict[str, np.ndarray], normal_feats: dict[str, np.ndarray] | None = None) -> RuntimeScores:
-        maps, globals_ = self.branch_outputs(feats, normal_feats)
+    def score(
+        self,
+        feats: dict[str, np.ndarray],
+        normal_feats: dict[str, np.ndarray] | None = None,
+        known: RuntimeScores | None = None,
+    ) -> RuntimeScores:
+        """Fused image scores and maps (``known``: see :meth:`branch_outputs`)."""
+        maps, globals_ = self.branch_outputs(feats, normal_feats, known)
         fused_map, fused_global = self.fuse(maps, globals_)
         full = upsample_and_smooth(fused_map, self.params.image_size, self.params.smoothing_sigma)
         scores = topk_mean(full, self.params.topk_fraction) + self.params.global_weight * fused_global

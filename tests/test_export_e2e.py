@@ -246,3 +246,26 @@ def test_profile_coreset_default_and_override(tiny_bundle, shared_data: Path, tm
                                   str(shared_data / "hazelnut_toy"), "--coreset", bad, "--out", str(tmp_path / bad)])
         assert res.exit_code != 0 and "--coreset must be a fraction in (0, 1]" in res.output, res.output
         assert not (tmp_path / bad).exists()
+
+
+def test_cascade_reuses_the_cheap_pass_and_matches_the_full_pipeline(tiny_bundle, shared_data: Path) -> None:
+    """Escalated images get the full pipeline's scores, and the bank is searched once per image, not twice."""
+    from o2n_edge.data import load_dataset, load_image
+    from o2n_edge.runtime.cascade import CascadePipeline
+    from o2n_edge.runtime.pipeline import OrtPipeline
+
+    ds = load_dataset(shared_data / "hazelnut_toy", "mvtec", "hazelnut")
+    images = [load_image(x.path) for x in ds.test[:4]]
+    pipe = OrtPipeline(tiny_bundle.bundle)
+    full = np.array([r.score for r in pipe.inspect_batch(images)])
+    cascade = CascadePipeline(pipe, skip_below=-np.inf)
+    calls = []
+    search = pipe.scorer.search
+    cascade.cheap.search = pipe.scorer.search = lambda q: calls.append(len(q)) or search(q)
+    got = cascade.inspect_batch(images)
+    np.testing.assert_allclose([r.score for r in got], full, rtol=1e-9, atol=1e-9)
+    assert all(r.normal is not None for r in got) and cascade.last_escalated == [True] * 4
+    from o2n_edge.data.preprocess import resize_uint8
+
+    h, w = pipe.encode(resize_uint8(images[:1], pipe.image_size))["patch"].shape[1:3]
+    assert sum(calls) == len(images) * h * w  # every query patch searched once (cheap pass only)

@@ -123,9 +123,12 @@ def measure_stream_latency(pipe: Any, cascade: Any, images: list[np.ndarray], st
             "mean_latency_cut": round(f["mean"] / c["mean"], 3)}
 
 
-def cascade_study(bundle: Path, data: Path, category: str, threads: int, seed: int = SEED,
-                  latency_images: int = LATENCY_IMAGES) -> dict[str, Any]:
-    """The whole protocol for one bundle and its data set; returns the result dict."""
+def cascade_study(bundle: Path, data: Path | None, category: str, threads: int, seed: int = SEED,
+                  latency_images: int = LATENCY_IMAGES, dataset: str | None = None) -> dict[str, Any]:
+    """The whole protocol for one bundle and its data set; returns the result dict.
+
+    ``data``/``dataset``: as for :func:`o2n_edge.data.load_dataset` (``None``/``"textile"`` = the built-in set).
+    """
     from o2n_edge.bench.latency import ort_session_options
     from o2n_edge.data import load_dataset
     from o2n_edge.runtime.cascade import CascadePipeline
@@ -135,7 +138,7 @@ def cascade_study(bundle: Path, data: Path, category: str, threads: int, seed: i
     pipe = OrtPipeline(bundle, ort_session_options(threads))
     cascade = CascadePipeline(pipe, skip_below=float("inf"))
     m = pipe.manifest
-    ds = load_dataset(data, None, category)
+    ds = load_dataset(data, dataset, category)
     shots = set(m["shots"]["images"])
     held = list(ds.val_good) if ds.val_good else [p for p in ds.train_good if p.name not in shots]
     paths = [s.path for s in ds.test] + held
@@ -154,7 +157,7 @@ def cascade_study(bundle: Path, data: Path, category: str, threads: int, seed: i
     cost = max(f["stream"]["auroc_cost"] for f in folds)
     return {
         "kind": "cascade", "bundle": str(bundle), "profile": m["profile"], "category": category,
-        "data": str(data), "seed": seed, "cheap_branches": list(cascade.cheap.params.branches),
+        "data": str(data) if data else dataset, "seed": seed, "cheap_branches": list(cascade.cheap.params.branches),
         "images": {"test": int(is_test.sum()), "heldout_goods": len(held), "anomalies": int(labels.sum())},
         "folds": folds, "latency_fold0": lat,
         "targets": [

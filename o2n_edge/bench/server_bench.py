@@ -6,8 +6,11 @@ paths score the same JPEG bytes with the same pipeline object, alternating phase
 concurrent clients. The in-process path decodes the same JPEG bytes (the server must too), so
 the difference is the serving stack alone. At one client the two paths alternate request by
 request (load drift on a shared host hits both alike); at N clients each path runs its own
-phase (concurrency cannot be interleaved), so those rows carry the drift. Loopback only; every phase is bounded by a request
-count and a time limit.
+phase (concurrency cannot be interleaved), so those rows carry the drift. Both paths run one
+inspection at a time, so at N clients latency is mostly queueing and requests/s is the number to
+compare: the server's queue is first come, first served (mean latency ~N x one inspection),
+while the in-process clients share a Python lock, which is not fair (a low p50, a high mean).
+Loopback only; every phase is bounded by a request count and a time limit.
 """
 
 from __future__ import annotations
@@ -39,6 +42,10 @@ class _Server:
 
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # What `serve` gets from uvicorn's own listener: without TCP_NODELAY on a socket handed in
+        # via ``sockets=``, each response's body waits for the client's delayed ACK of its headers
+        # (~40 ms per request on Linux loopback, measured), which is this harness, not the server.
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock.bind((LOOPBACK, 0))
         self.url = f"http://{LOOPBACK}:{self.sock.getsockname()[1]}"
         self.server = make_server(app, LOOPBACK, self.sock.getsockname()[1], 5.0, log_level="warning")
