@@ -269,3 +269,28 @@ def test_cascade_reuses_the_cheap_pass_and_matches_the_full_pipeline(tiny_bundle
 
     h, w = pipe.encode(resize_uint8(images[:1], pipe.image_size))["patch"].shape[1:3]
     assert sum(calls) == len(images) * h * w  # every query patch searched once (cheap pass only)
+
+
+def test_static_int8_qdq_graphs_are_calibrated_cached_and_run(tiny_bundle, shared_data: Path, tmp_path: Path) -> None:
+    """Calibrated QDQ int8 graphs: real QuantizeLinear nodes, reused from the cache, and the runtime scores with them."""
+    import onnx
+
+    from o2n_edge.bench.latency import open_ort
+    from o2n_edge.data import load_dataset, load_image
+    from o2n_edge.export.int8_static import static_int8_overrides
+
+    ds = load_dataset(shared_data / "hazelnut_toy", "mvtec", "hazelnut")
+    calib = [load_image(p) for p in ds.train_good[-3:]]
+    paths = static_int8_overrides(tiny_bundle.bundle, calib, tmp_path)
+    assert set(paths) == {"unet", "image_encoder"}
+    for p in paths.values():
+        ops = {n.op_type for n in onnx.load(str(p)).graph.node}
+        assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    stamp = {n: p.stat().st_mtime_ns for n, p in paths.items()}
+    again = static_int8_overrides(tiny_bundle.bundle, calib, tmp_path)
+    assert again == paths and {n: p.stat().st_mtime_ns for n, p in again.items()} == stamp
+    other = static_int8_overrides(tiny_bundle.bundle, calib[:2], tmp_path)  # new calibration set -> new graphs
+    assert other["unet"] != paths["unet"]
+    pipe, _ = open_ort(tiny_bundle.bundle, 1, overrides=paths)
+    scores = [r.score for r in pipe.inspect_batch([load_image(s.path) for s in ds.test[:3]])]
+    assert np.all(np.isfinite(scores))
