@@ -53,8 +53,8 @@ def record_calibration_feeds(bundle: Path, images: Sequence[np.ndarray], names: 
 
     pipe = OrtPipeline(bundle, SessionOptions(intra_op_threads=threads))
     feeds: dict[str, list[dict[str, np.ndarray]]] = {n: [] for n in names if n in pipe.sessions}
-    for n in feeds:
-        pipe.sessions[n] = _Recorder(pipe.sessions[n], feeds[n])
+    for n, store in feeds.items():
+        pipe.sessions[n] = _Recorder(pipe.sessions[n], store)
     for img in images:
         pipe.inspect(img)
     return feeds
@@ -77,7 +77,12 @@ class _FeedReader:
 def quantize_qdq(src: Path, dst: Path, feeds: Sequence[dict[str, np.ndarray]], method: str = "minmax",
                  per_channel: bool = True) -> Path:
     """Write a QDQ int8 copy of ``src`` calibrated on ``feeds`` (activations uint8, weights int8)."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"calibration method must be one of {', '.join(CALIBRATION_METHODS)}, got {method!r}")

@@ -255,7 +255,7 @@ def real_size_markdown(doc: dict[str, Any]) -> str:
         lines += [f"Weights: {res['weights']}. Batch {res['batch']}. Export: project specs + export_onnx, "
                   f"validation {'on' if EXPORT_CHECK else 'off'}, onnxslim {'on' if EXPORT_SIMPLIFY else 'off'}.", "",
                   "| stage | resolution | params M | iters | torch p50 ms | torch p90 | ORT CPU p50 ms | ORT p90 "
-                  "| speed-up | max rel |Δ| | ORT load s | graph MB |",
+                  "| speed-up | max rel \\|Δ\\| | ORT load s | graph MB |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in res["rows"]:
             t, o = r["torch"], r["ort-cpu"]

@@ -84,7 +84,7 @@ def latency_markdown(doc: dict[str, Any]) -> str:
             lines.append("")
         measured = [r for r in res["rows"] if r.get("status") == "measured"]
         lines += ["| backend | batch | iters | per image p50 ms | e2e p50 | p90 | p99 | images/s | model ms p50 "
-                  "| non-model share (incl. JPEG decode + answer) | peak RSS MiB | max |Δscore| vs torch |",
+                  "| non-model share (incl. JPEG decode + answer) | peak RSS MiB | max \\|Δscore\\| vs torch |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in res["rows"]:
             if r.get("status") != "measured":

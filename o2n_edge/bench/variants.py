@@ -91,7 +91,7 @@ def variants_markdown(doc: dict[str, Any]) -> str:
     for r in doc["results"]:
         lines += [f"## {r['category']} — {r['test_images']} test images ({r['anomalies']} anomalous), "
                   f"reference: {r['reference']}", "",
-                  "| variant | graphs | bank rows | image AUROC | cost | pixel AUROC | cost | max |Δscore| | "
+                  "| variant | graphs | bank rows | image AUROC | cost | pixel AUROC | cost | max \\|Δscore\\| | "
                   "per-image p50 ms | p90 |", "|---|---|---|---|---|---|---|---|---|---|"]
         for x in r["rows"]:
             graphs = x["precision"] + (f" ({', '.join(x['graphs_swapped'])} int8)" if x["graphs_swapped"] else "")
