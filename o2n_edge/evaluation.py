@@ -51,10 +51,10 @@ def text_features_for(encoder, category: str) -> np.ndarray:
     return np.stack(rows)
 
 
-def _encode(encoder, images: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+def _encode(encoder, images: Sequence[np.ndarray], progress: str | None = None) -> dict[str, np.ndarray]:
     from o2n_edge.encoders import encode_images
 
-    return encode_images(encoder, list(images))
+    return encode_images(encoder, list(images), SCORE_BATCH, progress)
 
 
 def evaluate(
@@ -83,7 +83,7 @@ def evaluate(
     masks = None
     if dataset.has_masks:
         masks = np.stack([load_mask(s.mask_path, (size, size)) for s in samples])
-    test_feats = _encode_batched(encoder, images, "encode test images", progress)
+    test_feats = _encode(encoder, images, "encode test images" if progress else None)
     text_features = text_features_for(encoder, dataset.category) if "text" in config.branches else None
 
     runs = []
@@ -158,10 +158,3 @@ def summarize(runs: list[dict]) -> list[dict]:
         row["wall_s"] = round(sum(r["wall_s"] for r in group), 3)
         out.append(row)
     return out
-
-
-def _encode_batched(encoder, images: list[np.ndarray], label: str, progress: bool) -> dict[str, np.ndarray]:
-    parts: list[dict[str, np.ndarray]] = []
-    for start in progress_iter(range(0, len(images), SCORE_BATCH), label, progress):
-        parts.append(_encode(encoder, images[start : start + SCORE_BATCH]))
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

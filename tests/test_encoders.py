@@ -334,3 +334,12 @@ def test_missing_checkpoint_names_the_setting() -> None:
         build_encoder(replace(spec, checkpoint="/nonexistent/o2n/clip.pt"))
     with pytest.raises(ValueError, match="hub"):
         build_encoder(replace(spec, model_name="hf-hub:org/model"))
+
+
+def test_encode_images_progress_bar_changes_nothing_but_stderr(tiny: FeatureEncoder, capsys) -> None:
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (40, 40, 3), dtype=np.uint8) for _ in range(5)]
+    quiet = encode_images(tiny, images, batch_size=2)
+    shown = encode_images(tiny, images, batch_size=2, progress="encode")
+    assert quiet.keys() == shown.keys() and all(np.array_equal(quiet[k], shown[k]) for k in quiet)
+    assert "encode" in capsys.readouterr().err

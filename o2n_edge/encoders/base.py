@@ -83,11 +83,15 @@ def encode_images(
     encoder: FeatureEncoder,
     images: ImagesLike,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: str | None = None,
 ) -> dict[str, np.ndarray]:
     """Run ``encoder`` over uint8 images in batches; returns float32 numpy arrays per output.
 
     Batching bounds memory on large evaluation sets; inference mode skips autograd bookkeeping.
+    ``progress``: a label to show a progress bar over the batches under (None: silent).
     """
+    from ..progress import progress_iter
+
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     items = _as_image_list(images)
@@ -97,7 +101,8 @@ def encode_images(
         device = torch.device("cpu")
     chunks: dict[str, list[np.ndarray]] = {name: [] for name in encoder.output_names}
     with torch.inference_mode():
-        for start in range(0, len(items), batch_size):
+        starts = range(0, len(items), batch_size)
+        for start in progress_iter(starts, progress or "", enabled=progress is not None):
             pixels = encoder.preprocess(items[start:start + batch_size]).to(device)
             out = encoder(pixels)
             for name in encoder.output_names:
