@@ -28,11 +28,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def variants_of(prefix: Path, data: Path | None, dataset: str | None, category: str) -> list[Variant]:
     """fp32 first (the reference), then int8 on top of it, then the other exported variants."""
+    from o2n_edge.data import load_dataset, load_image
     from o2n_edge.export.build import calibration_images
     from o2n_edge.export.int8_static import static_int8_overrides
     from o2n_edge.runtime.bundle import load_bundle
-
-    from o2n_edge.data import load_dataset, load_image
 
     ref = Path(f"{prefix}-fp32")
     if not (ref / "manifest.json").is_file():

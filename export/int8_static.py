@@ -1,11 +1,13 @@
 """Calibrated (static) int8 quantization of a bundle's graphs, in the QDQ format.
 
-Why static and calibrated: dynamic int8 (weights int8, activation ranges guessed per batch at run
-time) lost 0.24 image AUROC on the tire and ran 4.6x slower on the CPU
+Why static and calibrated: dynamic int8 (weights int8, activation ranges computed per batch at
+run time) lost 0.24 image AUROC on the tire and ran 4.6x slower on the CPU
 (``benchmarks/results/variants_lite.md``, ``ort_knobs_lite.md``). Static quantization fixes every
-activation's range beforehand from real inputs, which is what int8 needs to be both accurate and
-fast, and its QDQ graphs (QuantizeLinear/DequantizeLinear pairs around each op) are the format
-both onnxruntime (CPU) and TensorRT (explicit quantization, ``BuilderFlag.INT8``) consume.
+activation's range beforehand from real inputs, and its QDQ graphs (QuantizeLinear /
+DequantizeLinear pairs around each op) are the format both onnxruntime (CPU) and TensorRT
+(explicit quantization) consume. Measured (``variants_lite.md``): harmless for the lite UNet,
+still 0.19 AUROC on the tire for the EfficientNet-Lite0 encoder, whose patch distances are the
+score; so only the UNet is a candidate.
 
 Calibration inputs are recorded, not synthesized: the fp32 bundle runs on held-out good images
 (never the test set) and every input it feeds the UNet and the image encoder is kept, so the

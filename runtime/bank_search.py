@@ -12,14 +12,11 @@ distance exactly in float64, so the score does not depend on which search found 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-log = logging.getLogger("o2n_edge.runtime")
 
 GRAPH_PATH = Path(__file__).resolve().parent / "static" / "bank_search.onnx"
 

@@ -21,13 +21,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+
+from o2n_edge.data.preprocess import preprocess_numpy, resize_uint8
 from o2n_edge.runtime.bank_search import NearestSearch, NumpyBankSearch, OrtBankSearch
 from o2n_edge.runtime.bundle import Bundle, load_bundle
 from o2n_edge.runtime.scheduler import NumpyLCMScheduler
 from o2n_edge.runtime.scoring import Scorer, ScoringParams
 from o2n_edge.runtime.types import InspectResult
-
-from o2n_edge.data.preprocess import preprocess_numpy, resize_uint8
 
 log = logging.getLogger("o2n_edge.runtime")
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
+
 from o2n_edge.runtime.bank_search import NearestSearch, NumpyBankSearch
 
 KNN_CHUNK = 1024  # query rows per GEMM chunk: bounds the (chunk x bank) distance matrix
