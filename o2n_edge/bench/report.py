@@ -154,7 +154,7 @@ def latency_plot(doc: dict[str, Any], path: Path) -> Path | None:
     ax.set_xticks(range(len(bars)), [lbl for lbl, _ in bars], fontsize=8)
     ax.set_ylabel("ms per image (stage p50)")
     ax.set_title(doc["name"])
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=PLOT_DPI)
