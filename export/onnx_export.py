@@ -23,7 +23,6 @@ when valid; the sidecar is written last, so a crash never leaves a file that loo
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -32,7 +31,6 @@ import shutil
 import time
 import uuid
 import warnings
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -310,25 +308,6 @@ def export_onnx(
     return report
 
 
-@contextlib.contextmanager
-def _mha_fastpath_disabled() -> Iterator[None]:
-    """Trace nn.MultiheadAttention through its plain path, not the fused kernel.
-
-    In eval mode without grad, ``nn.MultiheadAttention`` (open_clip's towers) dispatches to
-    ``aten::_native_multi_head_attention``, which has no ONNX export ("known export traps").
-    """
-    mha = getattr(torch.backends, "mha", None)
-    if mha is None:
-        yield
-        return
-    before = mha.get_fastpath_enabled()
-    mha.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        mha.set_fastpath_enabled(before)
-
-
 def _export_in(
     tmp: Path, wrapper: Any, spec: ExportSpec, out: Path, precision: str, ihash: str,
     simplify: bool, check: bool, real_inputs: Any, trt_batch_range: tuple[int, int, int] | None,
@@ -355,7 +334,9 @@ def _export_in(
             kwargs["dynamic_shapes"] = dims
         else:
             kwargs["dynamic_axes"] = {k: dict(v) for k, v in spec.dynamic_axes.items()}
-        with torch.no_grad(), _mha_fastpath_disabled():
+        from o2n_edge.encoders.clip import mha_fastpath_disabled
+
+        with torch.no_grad(), mha_fastpath_disabled():
             torch.onnx.export(wrapper, args, str(raw), **kwargs)
     model = onnx.load(str(raw))  # pulls in external data if the exporter wrote any
     simplified, simplify_error = False, None

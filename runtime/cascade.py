@@ -92,8 +92,7 @@ class CascadePipeline:
         if idx.size:
             full_t = dict(timings)
             sub = query[idx]
-            normals = resize_uint8(self.pipe.transform(resize_uint8(sub, self.pipe.diffusion_size), full_t),
-                                   self.image_size)
+            normals = self.pipe.normal_versions(sub, full_t)
             t0 = time.perf_counter()
             normal_feats = self.pipe.encode(normals)
             full_t["image_encoder_normal"] = _ms(t0)

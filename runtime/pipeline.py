@@ -189,6 +189,10 @@ class OrtPipeline:
         timings["vae_decode"] = _ms(t0)
         return normals
 
+    def normal_versions(self, query: np.ndarray, timings: dict[str, float] | None = None) -> np.ndarray:
+        """Query images at the scoring size -> their normal versions, back at the scoring size."""
+        return resize_uint8(self.transform(resize_uint8(query, self.diffusion_size), timings), self.image_size)
+
     # ------------------------------------------------------------------ Inspector
 
     def inspect_batch(self, images: Sequence[np.ndarray]) -> list[InspectResult]:
@@ -201,8 +205,7 @@ class OrtPipeline:
         normal_feats = None
         normals_at_size = None
         if self.uses_transform:
-            normals = self.transform(resize_uint8(query, self.diffusion_size), timings)
-            normals_at_size = resize_uint8(normals, self.image_size)
+            normals_at_size = self.normal_versions(query, timings)
         t0 = time.perf_counter()
         feats = self.encode(query)
         if normals_at_size is not None:

@@ -54,17 +54,15 @@ def quantized_overrides(bundle: Path, names: tuple[str, ...] = QUANTIZED, cache_
 def auroc_through_runtime(bundle: Path, data: Path, category: str, threads: int,
                           overrides: dict[str, Path] | None = None) -> dict[str, Any]:
     """Image AUROC of the runtime on the category's test set (optionally with swapped graphs)."""
-    from o2n_edge.bench.latency import open_ort
+    from o2n_edge.bench.variants import Variant, score_test_set
     from o2n_edge.data import load_dataset, load_image
     from o2n_edge.metrics import image_auroc
 
     ds = load_dataset(data, None, category)
-    pipe, counter = open_ort(bundle, threads, overrides=overrides)
-    scores = []
     t0 = time.perf_counter()
-    for s in ds.test:
-        scores.append(pipe.inspect(load_image(s.path)).score)
-    return {"image_auroc": round(image_auroc(ds.labels, np.array(scores)), 4), "n": len(scores),
+    out = score_test_set(Variant("", bundle, dict(overrides or {})), [load_image(s.path) for s in ds.test], threads)
+    scores = out["scores"]
+    return {"image_auroc": round(image_auroc(ds.labels, scores), 4), "n": len(scores),
             "scores": [round(float(x), 5) for x in scores], "wall_s": round(time.perf_counter() - t0, 1)}
 
 

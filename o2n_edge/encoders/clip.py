@@ -59,13 +59,17 @@ def _seeded(seed: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _mha_fastpath_disabled() -> Iterator[None]:
+def mha_fastpath_disabled() -> Iterator[None]:
     """Turn off nn.MultiheadAttention's fused fast path (``_native_multi_head_attention``).
 
     In eval mode without grad, PyTorch routes attention through a fused kernel that the ONNX
-    exporter cannot translate (DESIGN.md export traps); tracing must see the plain ops.
+    exporter cannot translate (DESIGN.md export traps); tracing must see the plain ops. The
+    encoder's own export hook and the generic exporter (``export.onnx_export``) both use this.
     """
-    mha = torch.backends.mha
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None:  # a torch without the switch has no fast path to avoid
+        yield
+        return
     previous = mha.get_fastpath_enabled()
     mha.set_fastpath_enabled(False)
     try:
@@ -163,7 +167,7 @@ class OpenClipEncoder(FeatureEncoder):
         The fused attention fast path is switched off while tracing so the export sees plain ops.
         """
         exporting = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-        ctx = _mha_fastpath_disabled() if exporting else contextlib.nullcontext()
+        ctx = mha_fastpath_disabled() if exporting else contextlib.nullcontext()
         with ctx:
             return self._forward(pixels)
 
