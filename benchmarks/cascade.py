@@ -29,7 +29,10 @@ def main() -> None:
     set_threads(a.threads)
     doc = {"name": a.name, "machine": machine_stamp(a.threads), "protocol": " ".join(PROTOCOL.split()), "results": []}
     for s in a.set:
-        bundle, data, category = s.split(":")
+        parts = s.split(":")
+        if len(parts) != 3 or not all(parts):
+            p.error(f"--set {s!r}: expected BUNDLE:DATA:CATEGORY")
+        bundle, data, category = parts
         builtin = data == "textile"
         doc["results"].append(cascade_study(Path(bundle), None if builtin else Path(data), category, a.threads,
                                             latency_images=a.latency_images, dataset="textile" if builtin else None))

@@ -61,7 +61,10 @@ def main() -> None:
     set_threads(a.threads)
     doc = {"name": a.name, "machine": machine_stamp(a.threads), "note": a.note, "results": []}
     for s in a.set:
-        category, data, prefix = s.split(":")
+        parts = s.split(":")
+        if len(parts) != 3 or not all(parts):
+            p.error(f"--set {s!r}: expected CATEGORY:DATA:PREFIX")
+        category, data, prefix = parts
         builtin = data == "textile"
         root, layout = (None, "textile") if builtin else (Path(data), None)
         doc["results"].append(variants_study(variants_of(Path(prefix), root, layout, category), root, layout,
