@@ -1,0 +1,149 @@
+"""Bundle commands: export a bundle, build its TensorRT engines, and inspect what it holds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from o2n_edge.cli.common import (
+    USER_ERRORS,
+    DataOpt,
+    DatasetOpt,
+    ProfileOpt,
+    app,
+    fail,
+)
+
+
+@app.command("export")
+def export_cmd(
+    category: str = typer.Option(..., "--category", help="Product category (e.g. pcb, hazelnut; 'textile' for the built-in set)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Bundle directory to write (default: bundles/<category>-<profile>)."),
+    data: Optional[Path] = DataOpt,
+    dataset: str = DatasetOpt,
+    shots: int = typer.Option(4, "--shots", help="Number k of good images (shots) to personalize on."),
+    seed: int = typer.Option(0, "--seed", help="Seed that draws the shots (and the transform noise)."),
+    profile: str = ProfileOpt,
+    run: Optional[Path] = typer.Option(None, "--run", help="Use this personalized run instead of personalizing and distilling first."),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where personalized runs are cached and resumed."),
+    branches: Optional[str] = typer.Option(None, "--branches", help="Comma list of personalized, pool, text (default: all the profile has)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 or fp16 graphs (fp16 keeps overflow-prone layers in fp32)."),
+    pool_size: Optional[int] = typer.Option(None, "--pool-size", help="Generated images added to the memory bank (0 = shots only)."),
+    coreset: Optional[float] = typer.Option(None, "--coreset", help="Keep this fraction of the memory bank (greedy k-center; 1 = whole bank); default: the profile's (lite 0.1; others only above 50,000 rows)."),
+    quantile: float = typer.Option(0.99, "--threshold-quantile", help="Threshold = this quantile of held-out good images' scores."),
+    trt: bool = typer.Option(False, "--trt", help="Also build TensorRT engines (needs an NVIDIA GPU and o2n-edge[trt])."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing bundle and redo every export stage."),
+    base_model: Optional[Path] = typer.Option(None, "--base-model", envvar="O2N_SD15", help="sd15: local diffusers SD-1.5 checkpoint directory (default: $O2N_SD15)."),
+    encoder_checkpoint: Optional[Path] = typer.Option(None, "--encoder-checkpoint", envvar="O2N_CLIP", help="sd15: local open_clip checkpoint for the vision/text encoder (default: $O2N_CLIP)."),
+    personalize_steps: Optional[int] = typer.Option(None, "--personalize-steps", help="Personalization steps when no --run is given (default: the profile's)."),
+    distill_steps: Optional[int] = typer.Option(None, "--distill-steps", help="Distillation steps when no --run is given (default: the profile's)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress on stderr."),
+) -> None:
+    """Personalize, distil, export every graph to ONNX, calibrate the threshold, and write a verified bundle."""
+    try:
+        from o2n_edge.export.build import ExportOptions, export_bundle
+
+        if dataset == "textile" and category != "textile":
+            fail("--dataset textile has the single category 'textile'")
+        if category == "textile" and dataset == "auto" and data is None:
+            dataset = "textile"
+        target = out or Path("bundles") / f"{category}-{profile}"
+        summary = export_bundle(ExportOptions(
+            category=category, out=target, profile=profile, data=data,
+            dataset=None if dataset == "auto" else dataset, shots=shots, seed=seed, run_dir=run, runs_dir=runs_dir,
+            branches=branches, precision=precision, pool_size=pool_size, coreset_ratio=coreset,
+            threshold_quantile=quantile, force=force, progress=progress,
+            personalize_steps=personalize_steps, distill_steps=distill_steps, base_model=base_model,
+            encoder_checkpoint=encoder_checkpoint))
+    except typer.Exit:
+        raise
+    except (FileExistsError, *USER_ERRORS) as exc:
+        fail(str(exc))
+    m = summary.manifest
+    typer.echo(f"wrote {summary.bundle} ({summary.bytes / 1e6:.1f} MB, {m['precision']}, threshold {m['threshold']['value']:.4f})")
+    for name, entry in m["models"].items():
+        typer.echo(f"  {name}: max |onnx - torch| = {max(entry['validation'].values()):.2e} "
+                   f"(tolerance {entry['tolerance']:.0e} x max(1, max |torch output|))")
+    typer.echo(f"  runtime vs torch scores: max |diff| = {summary.parity['max_abs']:.2e} on {summary.parity['n']} images")
+    typer.echo("  wall s: " + ", ".join(f"{k} {v:.1f}" for k, v in summary.wall_s.items()))
+    if trt:
+        _build_engines(summary.bundle, precision)
+
+
+def _build_engines(bundle: Path, precision: str) -> None:
+    from o2n_edge.export.tensorrt_build import TensorRTUnavailable, build_engines
+
+    try:
+        reports = build_engines(bundle, precision=precision)
+    except TensorRTUnavailable as exc:
+        fail(str(exc))
+    for name, rep in reports.items():
+        typer.echo(f"  engine {name}: {rep}")
+
+
+@app.command("build-engines")
+def build_engines_cmd(
+    bundle: Path = typer.Argument(..., help="Bundle directory."),
+    precision: str = typer.Option("fp16", "--precision", help="fp16 or fp32 TensorRT engines."),
+) -> None:
+    """Build TensorRT engines for a bundle on this device (cached by onnx hash, TensorRT version, GPU and profile)."""
+    _build_engines(bundle, precision)
+
+
+@app.command("inspect")
+def inspect_cmd(
+    bundle: Path = typer.Argument(..., help="Bundle directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest summary as JSON."),
+) -> None:
+    """What is inside a bundle and whether it verifies (exit 1 when it does not)."""
+    from o2n_edge.runtime.bundle import read_manifest, verify_bundle
+
+    problems = verify_bundle(bundle)
+    try:
+        m = read_manifest(bundle)
+    except Exception as exc:  # a bundle without a readable manifest: report, do not crash
+        m = {}
+        problems = problems or [str(exc)]
+    files = m.get("files", {})
+    engines = sorted(p.name for p in (bundle / "engines").glob("*.plan")) if (bundle / "engines").is_dir() else []
+    info = {
+        "bundle": str(bundle), "verified": not problems, "problems": problems,
+        "profile": m.get("profile"), "category": m.get("category"), "precision": m.get("precision"),
+        "image_size": m.get("image_size"), "diffusion_image_size": m.get("diffusion_image_size"),
+        "branches": m.get("scoring", {}).get("branches"), "threshold": m.get("threshold", {}).get("value"),
+        "steps": m.get("steps"), "steps_run": m.get("steps_run"), "strength": m.get("strength"),
+        "shots": m.get("shots"), "memory_bank": m.get("memory_bank"),
+        "models": {k: {"precision": v.get("precision"), "inputs": v.get("inputs"), "outputs": v.get("outputs"),
+                       "validation": v.get("validation")} for k, v in m.get("models", {}).items()},
+        "files": {k: {"bytes": v.get("bytes"), "sha256": v.get("sha256")} for k, v in files.items()},
+        "engines": engines, "versions": m.get("versions"),
+    }
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        c = Console()
+        status = "[green]verified[/]" if not problems else "[bold red]REFUSED[/]"
+        c.print(f"{bundle}: {status}")
+        for p in problems:
+            c.print(f"  [red]- {p}[/]")
+        for key in ("profile", "category", "precision", "image_size", "diffusion_image_size", "branches",
+                    "threshold", "steps", "steps_run", "strength", "shots", "memory_bank"):
+            if info[key] is not None:
+                c.print(f"  {key}: {info[key]}")
+        table = Table(title="files")
+        for col in ("file", "bytes", "sha256"):
+            table.add_column(col)
+        for k, v in info["files"].items():
+            table.add_row(k, f"{v['bytes']:,}" if v["bytes"] is not None else "?", str(v["sha256"])[:16] + "…")
+        c.print(table)
+        c.print(f"  engines: {', '.join(engines) if engines else 'none (build-engines on the target GPU)'}")
+    if problems:
+        raise typer.Exit(1)
+
+

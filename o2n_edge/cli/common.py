@@ -1,0 +1,85 @@
+"""Shared pieces of the `o2n-edge` command line: the typer app, one-line errors and common options.
+
+Heavy imports (torch, diffusers, open_clip) happen inside the commands that need them, so the
+base install (runtime + server) starts fast and a missing extra is named, not a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import typer
+
+from o2n_edge._lazy import MissingExtraError
+
+app = typer.Typer(
+    name="o2n-edge",
+    help="Few-shot visual anomaly detection (One-to-Normal) for production lines: "
+    "personalize, distil, export, and serve.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+@app.callback()
+def main_callback(
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
+) -> None:
+    """Few-shot visual anomaly detection (One-to-Normal): personalize, distil, export, serve."""
+    if version:
+        from o2n_edge import __version__
+
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, MissingExtraError, NotADirectoryError)
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print a one-line error to stderr and exit; users see what is wrong, not a traceback."""
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def parse_int_list(text: str, what: str) -> list[int]:
+    """'1,2,4' -> [1, 2, 4] with a clear error naming the option."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        fail(f"{what} must be a comma list of integers, got {text!r}")
+    if not values:
+        fail(f"{what} is empty")
+    return values
+
+
+def write_json(path: Path, doc: dict) -> None:
+    """Atomic JSON write: a crash never leaves half a result file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+DataOpt = typer.Option(None, "--data", envvar="O2N_DATA", help="Data set root directory (default: $O2N_DATA). Not needed for --dataset textile.")
+DatasetOpt = typer.Option("auto", "--dataset", help="Layout: auto (detect), mvtec, visa, folder, or textile (the built-in demo set, needs o2n-edge[demo]).")
+ProfileOpt = typer.Option("lite", "--profile", help="Model profile: tiny (tests), lite (CPU, real scores), sd15 (GPU production).")
+
+BundleOpt = typer.Option(..., "--bundle", help="A bundle directory written by `o2n-edge export`.", exists=False)
+BackendOpt = typer.Option("cpu", "--backend", help="Execution: cpu, cuda (ORT CUDA EP), tensorrt (ORT TensorRT EP) or trt-native (the bundle's TensorRT engines); falls back to cpu with a log line when unavailable.")
+ThreadsOpt = typer.Option(0, "--threads", help="ONNX Runtime intra-op threads (0 = all cores).")
+
+
+def open_pipeline(bundle: Path, backend: str, threads: int):
+    """Load and verify a bundle into an ONNX Runtime pipeline (torch-free)."""
+    import logging
+
+    from o2n_edge.runtime.pipeline import OrtPipeline, SessionOptions
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return OrtPipeline(bundle, SessionOptions(backend=backend, intra_op_threads=threads))
+
