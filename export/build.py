@@ -153,6 +153,14 @@ def export_bundle(opts: ExportOptions) -> ExportSummary:
             return resize_uint8(one_to_normal(run, images, seed=opts.seed).normals, size)
 
         shot_normal = encode_images(encoder, normal_of(np.stack(shot_imgs)))
+    fusion_choice = {"method": "profile default (the paper's weights)"}
+    if "personalized" in branches and profile.fusion_selection == "loo":
+        from o2n_edge.fusion_weights import choose_weights_loo
+
+        _say(opts.progress, "choosing the fusion weights on the shots (leave-one-shot-out)")
+        fusion_choice = choose_weights_loo(shot_imgs, lambda x: encode_images(encoder, x), normal_of, config,
+                                           augment_views, seed=opts.seed)
+        config = replace(config, weights=fusion_choice["weights"])
     reference = build_reference(shot_feats, config, text_features, pool_feats, shot_normal)
     bank_rows = int(reference.memory_bank.shape[0])
     coreset_info = {"ratio": 1.0, "rows_before": bank_rows, "rows_after": bank_rows}
@@ -194,7 +202,8 @@ def export_bundle(opts: ExportOptions) -> ExportSummary:
         "shots": {"images": [p.name for p in shot_paths], "seed": opts.seed, "k": opts.shots},
         "encoder": encoder.describe(),
         "scoring": {**config.to_dict(), "norm": {k: list(v) for k, v in reference.norm.items()}},
-        "fusion": {"weights": dict(config.weights), "norm": {k: list(v) for k, v in reference.norm.items()}},
+        "fusion": {"weights": dict(config.weights), "norm": {k: list(v) for k, v in reference.norm.items()},
+                   "selection": fusion_choice},
         "memory_bank": {"rows": int(reference.memory_bank.shape[0]), "dim": int(reference.memory_bank.shape[1]),
                         "coreset": coreset_info, "pool_size": 0 if pool_imgs is None else int(len(pool_imgs))},
         "threshold": {"value": threshold, "method": "quantile of held-out good images' scores",
@@ -219,7 +228,8 @@ def export_bundle(opts: ExportOptions) -> ExportSummary:
             "scheduler": lcm_tables(lcm_scheduler(run)),
             "transform": {"strength": plan["strength"], "steps": plan["num_inference_steps"],
                           "steps_run": plan["steps_run"], "timesteps": [int(x) for x in plan["timesteps"]],
-                          "strength_mode": "lcm", "seed": opts.seed},
+                          "strength_mode": "lcm", "seed": opts.seed,
+                          "keep_low_sigma": float(run.spec.keep_low_sigma)},
             "diffusion": {"kind": run.spec.kind, "latent_shape": lat, "distill": run.distill_info.get("distances", {})},
         })
         noise = transform_noise(tuple(lat), plan["steps_run"] - 1, opts.seed)

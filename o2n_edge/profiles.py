@@ -38,6 +38,9 @@ class DiffusionSpec:
     base_model: str = ""  # sd15: local diffusers checkpoint dir
     lcm_lora: str = ""  # sd15: local LCM-LoRA path
     seed: int = 0
+    # Transform: keep the query's latent low frequencies (gaussian sigma in latent pixels; 0 = off)
+    # and take only the detail from the denoiser (lite; o2n_edge.diffusion.lite says why).
+    keep_low_sigma: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -61,11 +64,22 @@ class Profile:
     # textile it costs no image AUROC and cuts the per-image time 2.6x
     # (benchmarks/results/variants_lite.md), at up to 2.4 points of pixel AUROC (tire).
     coreset_ratio: float | None = None
+    # Branches used when --branches is not given; None = every branch the profile has. The
+    # others stay available through --branches.
+    default_branch_names: tuple[str, ...] | None = None
+    # "fixed": the weights above (the paper's, sd15); "loo": the personalized weight is chosen on
+    # the shots, leave-one-shot-out (o2n_edge.fusion_weights), and written into the bundle.
+    fusion_selection: str = "fixed"
 
     @property
     def branches(self) -> tuple[str, ...]:
         """Every branch this profile can run (text only where the encoder has a text tower)."""
         return tuple(b for b in BRANCHES if b != "text" or self.has_text)
+
+    @property
+    def default_branches(self) -> tuple[str, ...]:
+        """The branches a command runs when --branches is not given."""
+        return self.default_branch_names or self.branches
 
 
 PROFILES: dict[str, Profile] = {
@@ -81,12 +95,16 @@ PROFILES: dict[str, Profile] = {
     "lite": Profile(
         name="lite",
         encoder=EncoderSpec(kind="efficientnet_lite0", image_size=224),
+        # TAEF2 latents (pretrained, shipped) at 128 px + a local denoiser trained on latent crops
+        # at t <= strength: one step from `strength` is its own x0 prediction, so there is nothing
+        # to distil (distill records the student = teacher and its distances).
         diffusion=DiffusionSpec(
-            kind="lite", image_size=64, steps=1, strength=0.3, personalize_steps=1350,
-            distill_steps=300, pool_size=16,
+            kind="lite", image_size=128, steps=1, strength=0.3, personalize_steps=600,
+            distill_steps=0, pool_size=16, keep_low_sigma=2.0,
         ),
         has_text=False,
         coreset_ratio=0.1,
+        fusion_selection="loo",
     ),
     "sd15": Profile(
         name="sd15",
@@ -109,9 +127,9 @@ def get_profile(name: str, **overrides: object) -> Profile:
 
 
 def parse_branches(text: str | None, profile: Profile) -> tuple[str, ...]:
-    """Parse `--branches` (comma list); default = every branch the profile has."""
+    """Parse `--branches` (comma list); default = the profile's default branches."""
     if not text:
-        return profile.branches
+        return profile.default_branches
     chosen = tuple(dict.fromkeys(b.strip() for b in text.split(",") if b.strip()))
     for b in chosen:
         if b not in BRANCHES:

@@ -27,10 +27,15 @@ def test_personalize_distill_transform_eval(shared_data: Path, tmp_path: Path) -
     assert "student vs 50-step teacher: PSNR" in res.output
 
     query = sorted((data / "hazelnut/test/colour").glob("*.jpg"))[0]
-    res = runner.invoke(app, ["transform", str(run), str(query), "--out", str(tmp_path / "pairs")])
+    good = sorted((data / "hazelnut/test/good").glob("*.jpg"))[0]
+    res = runner.invoke(app, ["transform", str(run), str(query), str(good), "--out", str(tmp_path / "pairs"),
+                              "--grid", str(tmp_path / "grid.png")])
     assert res.exit_code == 0, res.output
-    pair = np.asarray(Image.open(tmp_path / "pairs" / f"{query.stem}_normal.png"))
-    assert pair.shape == (32, 64, 3)  # query | normal version at the tiny diffusion size
+    panel = np.asarray(Image.open(tmp_path / "pairs" / f"{query.stem}_normal.png"))
+    assert panel.shape == (32, 96, 3)  # query | normal version | difference at the tiny diffusion size
+    diff = np.abs(panel[:, :32].astype(int) - panel[:, 32:64].astype(int)).mean(axis=2) * 4
+    assert np.abs(panel[:, 64:, 0].astype(int) - np.clip(diff, 0, 255).astype(np.uint8)).max() <= 1
+    assert np.asarray(Image.open(tmp_path / "grid.png")).shape == (64, 96, 3)  # one row per query
 
     out = tmp_path / "r.json"
     res = runner.invoke(app, ["eval", "--data", str(data), "--category", "hazelnut", "--profile", "tiny",

@@ -156,3 +156,19 @@ def test_operator_page_end_to_end(browser, tmp_path: Path) -> None:
     shot = Image.open(io.BytesIO(SCREENSHOT.read_bytes()))
     assert shot.size[0] >= 800 and os.path.getsize(SCREENSHOT) > 10_000
     log.close()
+
+
+def test_no_normal_version_figure_without_a_transform(browser, tmp_path: Path) -> None:
+    """A bundle that does not run the transform (lite's default) shows no empty 'normal version'."""
+    log = ResultsLog(tmp_path / "browser.db")
+    wait = WebDriverWait(browser, WAIT_S)
+    for with_normal in (False, True):
+        app = create_app(FakeInspector(with_normal=with_normal), log)
+        with ServerThread(app) as srv:
+            browser.get(srv.url + "/")
+            browser.find_element(By.ID, "file").send_keys(str(_image_file(tmp_path, 230)))
+            wait.until(lambda d: d.find_element(By.ID, "decision").text in ("NORMAL", "ANOMALOUS"))
+            assert browser.find_element(By.ID, "normal-fig").is_displayed() is with_normal
+            assert browser.find_element(By.ID, "query-img").is_displayed()
+            assert browser.find_element(By.ID, "overlay-img").is_displayed()
+    log.close()

@@ -51,7 +51,8 @@ def eval_cmd(
             fail("--category is required (e.g. --category hazelnut), except with --dataset textile")
         prof = get_profile(profile)
         personalized_run = run is not None or personalize
-        default_branches = prof.branches if personalized_run else tuple(b for b in prof.branches if b != "personalized")
+        default_branches = (prof.default_branches if personalized_run
+                            else tuple(b for b in prof.default_branches if b != "personalized"))
         chosen = parse_branches(branches, prof) if branches else default_branches
         ds = load_dataset(data, None if dataset == "auto" else dataset, category, split_csv=split_csv)
         provider = None
@@ -159,30 +160,37 @@ def distill_cmd(
 def transform_cmd(
     run: Path = typer.Argument(..., help="A personalized (and ideally distilled) run directory."),
     images: list[Path] = typer.Argument(..., help="Query images."),
-    out: Path = typer.Option(..., "--out", help="Directory for query | normal-version side-by-side PNGs."),
+    out: Path = typer.Option(..., "--out", help="Directory for query | normal version | difference PNGs."),
+    grid: Optional[Path] = typer.Option(None, "--grid", help="Also write every row stacked into this one PNG."),
     strength: Optional[float] = typer.Option(None, "--strength", help="Noise strength (default: the profile's)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="LCM steps (default: the profile's)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the transform noise (deterministic)."),
     teacher: bool = typer.Option(False, "--teacher", help="Run the many-step DDIM teacher instead of the student (quality reference)."),
 ) -> None:
-    """Write each query beside its normal version, so a person can look at them."""
+    """Write each query beside its normal version and their difference, so a person can look at them."""
     try:
         import numpy as np
         from PIL import Image
 
         from o2n_edge.data import load_image
         from o2n_edge.diffusion import load_run, one_to_normal
+        from o2n_edge.diffusion.transform import DIFF_GAIN, transform_panel
 
         loaded = load_run(run)
         out.mkdir(parents=True, exist_ok=True)
         size = loaded.image_size
+        rows = []
         for path in images:
             q = load_image(path, size)
             res = one_to_normal(loaded, q[None], strength=strength, steps=steps, seed=seed, use_student=not teacher)
-            pair = np.concatenate([q, res.normals[0]], axis=1)
+            rows.append(transform_panel(q, res.normals[0]))
             target = out / f"{path.stem}_normal.png"
-            Image.fromarray(pair).save(target)
+            Image.fromarray(rows[-1]).save(target)
             typer.echo(f"{target}  ({res.unet}, {res.scheduler}, {res.steps_run} steps run at strength {res.strength})")
+        if grid is not None:
+            grid.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.concatenate(rows, axis=0)).save(grid)
+            typer.echo(f"{grid}  (query | normal version | difference x{DIFF_GAIN:g}, {len(rows)} rows)")
     except typer.Exit:
         raise
     except USER_ERRORS as exc:

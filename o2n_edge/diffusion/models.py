@@ -4,9 +4,11 @@ Every profile uses the *same diffusers classes* (``UNet2DConditionModel``, ``Aut
 for sd15 ``CLIPTextModel``), so personalization, distillation, the LoRA merge and the ONNX export
 run one code path whether the networks are tiny random models in CI or a real SD-1.5 checkpoint.
 
-- ``tiny`` / ``lite``: small networks with seeded init, trained from scratch on the shots. They have
-  no text encoder: the personalized prompt is a learned embedding ``[1, prompt_len, dim]``
+- ``tiny``: small networks with seeded init, trained from scratch on the shots. It has no text
+  encoder: the personalized prompt is a learned embedding ``[1, prompt_len, dim]``
   (textual-inversion-like), trained jointly with the UNet.
+- ``lite``: the pretrained TAEF2 autoencoder (shipped) + a local convolutional denoiser with a
+  learned prompt embedding (``o2n_edge.diffusion.lite``).
 - ``sd15``: any SD-1.5-architecture diffusers checkpoint from a LOCAL directory (never downloaded).
   :func:`make_tiny_sd15_checkpoint` writes a tiny random checkpoint of the same layout for tests.
 """
@@ -55,23 +57,6 @@ TINY_UNET: dict[str, Any] = {
 }
 TINY_VAE: dict[str, Any] = {
     "block_out_channels": (16, 32, 32),
-    "layers_per_block": 1,
-    "latent_channels": 4,
-    "norm_num_groups": 16,
-}
-LITE_UNET: dict[str, Any] = {
-    "block_out_channels": (64, 128, 128),
-    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    "layers_per_block": 1,
-    "cross_attention_dim": 64,
-    "attention_head_dim": 8,
-    "norm_num_groups": 32,
-}
-# 16 channels at full resolution: 2.5x cheaper than 32 per VAE step on a CPU and, trained on
-# 32 px crops for ~700 steps, ~24 dB PSNR on unseen 64 px hazelnut test images (measured).
-LITE_VAE: dict[str, Any] = {
-    "block_out_channels": (16, 32, 64),
     "layers_per_block": 1,
     "latent_channels": 4,
     "norm_num_groups": 16,
@@ -182,10 +167,14 @@ def build_models(spec: DiffusionSpec, prompt: str | None = None) -> DiffusionMod
     conditioning tensor and the runtime needs no text encoder.
     """
     torch = _torch()
-    if spec.kind in ("tiny", "lite"):
+    if spec.kind == "lite":
+        from o2n_edge.diffusion.lite import build_lite_models
+
+        return build_lite_models(spec)
+    if spec.kind == "tiny":
         if spec.image_size % 4:
             raise ValueError(f"image_size must be a multiple of 4, got {spec.image_size}")
-        unet_arch, vae_arch = (TINY_UNET, TINY_VAE) if spec.kind == "tiny" else (LITE_UNET, LITE_VAE)
+        unet_arch, vae_arch = TINY_UNET, TINY_VAE
         torch.manual_seed(spec.seed)
         vae = _seeded_vae(vae_arch, spec.image_size)
         vae_scale = 2 ** (len(vae_arch["block_out_channels"]) - 1)

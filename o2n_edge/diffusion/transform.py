@@ -209,6 +209,33 @@ def ddim_denoise(unet: Any, latents: Any, timesteps: list[int], prompt_embeds: A
     return latents
 
 
+DIFF_GAIN = 4.0  # the difference panel amplifies |query - normal| so small changes are visible
+
+
+def transform_panel(query: np.ndarray, normal: np.ndarray) -> np.ndarray:
+    """query | normal version | difference (``DIFF_GAIN`` x the mean absolute difference, gray).
+
+    What a person needs to judge the transform at a glance: a good normal version keeps the
+    part and changes only the defect, so the difference panel is dark except on the defect.
+    """
+    from PIL import Image
+
+    if normal.shape != query.shape:
+        normal = np.asarray(Image.fromarray(normal).resize(query.shape[1::-1], Image.BICUBIC))
+    diff = np.abs(query.astype(np.float32) - normal.astype(np.float32)).mean(axis=2) * DIFF_GAIN
+    diff = np.repeat(np.clip(diff, 0, 255).astype(np.uint8)[..., None], 3, axis=2)
+    return np.concatenate([query, normal, diff], axis=1)
+
+
+def keep_low(denoised: Any, source: Any, sigma: float) -> Any:
+    """The query's low latent frequencies + the denoiser's detail (``DiffusionSpec.keep_low_sigma``)."""
+    if not sigma:
+        return denoised
+    from o2n_edge.diffusion.lite import keep_low_frequencies
+
+    return keep_low_frequencies(denoised, source, float(sigma))
+
+
 def _device_of(module: Any) -> Any:
     return next(module.parameters()).device
 
@@ -263,6 +290,7 @@ def one_to_normal(
             den = lcm_denoise(unet, noisy, timesteps, run.prompt_embeds, sched, noise["steps"])
         else:
             den = ddim_denoise(unet, noisy, timesteps, run.prompt_embeds, sched.alphas_cumprod)
+        den = keep_low(den, lat, spec.keep_low_sigma)
         out.append(tensor_to_images(decode_latents(vae, den, sf)))
     return TransformResult(
         normals=np.concatenate(out), steps_run=len(timesteps), timesteps=list(timesteps),
