@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from o2n_edge.bench.ablation_lite import TestCache, TrainConfig, run_one, summarize
+from o2n_edge.bench.ablation_lite import COMPARISONS, TestCache, TrainConfig, run_one, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = (ROOT / ".." / "shared" / "data").resolve()
@@ -35,8 +35,9 @@ def parse_config(text: str) -> TrainConfig:
         raise argparse.ArgumentTypeError(f"config {text!r}: expected strength:steps:keep_low_sigma") from exc
 
 
-def write_summary(name: str, jsonl: Path, header: str) -> str:
-    records = [json.loads(x) for x in jsonl.read_text().splitlines() if x.strip()]
+def write_summary(name: str, jsonl: Path | list[Path], header: str) -> str:
+    files = jsonl if isinstance(jsonl, list) else [jsonl]
+    records = [json.loads(x) for f in files for x in f.read_text().splitlines() if x.strip()]
     rows, md = summarize(records, ORDER)
     (RESULTS / f"{name}.json").write_text(json.dumps({"rows": rows, "runs": records}, indent=2) + "\n")
     (RESULTS / f"{name}.md").write_text(f"# {name}\n\n{header}\n\n" + md)
@@ -55,11 +56,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--coreset", type=float, default=0.1,
                     help="fraction of each memory bank kept (lite export default 0.1; 1 = whole bank)")
+    ap.add_argument("--comparisons", default=",".join(COMPARISONS),
+                    help="personalized-branch comparisons to score (query, recon, latent)")
     ap.add_argument("--summarize-only", action="store_true")
+    ap.add_argument("--merge", default=None, help="with --summarize-only: comma list of run names to merge into --name")
     args = ap.parse_args()
     configs = [parse_config(c) for c in args.configs.split(",")]
+    comparisons = tuple(c for c in args.comparisons.split(",") if c)
+    unknown = set(comparisons) - set(COMPARISONS)
+    if unknown:
+        ap.error(f"unknown comparison(s) {sorted(unknown)}: choose from {', '.join(COMPARISONS)}")
     header = (f"`python -m benchmarks.ablation_v2 --shots {args.shots} --seeds {args.seeds} --configs {args.configs}"
-              f"{' --only ' + args.only if args.only else ''} --coreset {args.coreset:g} --name {args.name}` (1 thread; memory "
+              f"{' --only ' + args.only if args.only else ''} --coreset {args.coreset:g} --comparisons {args.comparisons} "
+              f"--name {args.name}` (1 thread; memory "
               f"banks: greedy k-center coreset {args.coreset:g} of the shots' and of the pool's patches, as the lite export). Percent, mean ± std "
               "over seeds. config = s<strength>-n<personalization steps>-lo<keep_low_sigma>; every run's shots, "
               "settings and wall times are in the .runs.jsonl. +personalized/<cmp>: query = query vs its normal "
@@ -68,11 +77,28 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     jsonl = RESULTS / f"{args.name}.runs.jsonl"
     if args.summarize_only:
-        print(write_summary(args.name, jsonl, header))
+        parts = [RESULTS / f"{n}.runs.jsonl" for n in args.merge.split(",")] if args.merge else [jsonl]
+        if args.merge:
+            header += f" Merged from {', '.join(p.name for p in parts)} (run in parallel, one thread each)."
+        print(write_summary(args.name, parts, header))
         return
+    import subprocess
+
     import torch
 
+    # every module a run needs, imported now: the tree may change (merges) while a long grid runs
+    import o2n_edge.bench.ablation_lite  # noqa: F401
+    import o2n_edge.diffusion.lite  # noqa: F401
+    import o2n_edge.diffusion.personalize  # noqa: F401
+    import o2n_edge.diffusion.pool  # noqa: F401
+    import o2n_edge.diffusion.transform  # noqa: F401
+    import o2n_edge.export.coreset  # noqa: F401
+    import o2n_edge.metrics  # noqa: F401
+    import o2n_edge.scoring  # noqa: F401
+
     torch.set_num_threads(args.threads)
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
     from o2n_edge.data import load_dataset
     from o2n_edge.diffusion.taef2 import SCALING_FACTOR, load_taef2
     from o2n_edge.encoders import build_encoder
@@ -94,8 +120,10 @@ def main() -> None:
         ds = load_dataset(root, dataset, category)
         cache = TestCache(ds, encoder, vae, SCALING_FACTOR, profile.diffusion.image_size, ROOT / args.cache_dir)
         for cfg, k, seed in todo:
-            rec = run_one(ds, profile, encoder, cache, k, seed, cfg, ROOT / args.runs_dir, coreset=args.coreset)
+            rec = run_one(ds, profile, encoder, cache, k, seed, cfg, ROOT / args.runs_dir, coreset=args.coreset,
+                          comparisons=comparisons)
             rec["threads"] = args.threads
+            rec["commit"] = commit
             with jsonl.open("a") as fh:
                 fh.write(json.dumps(rec) + "\n")
             v = rec["variants"]

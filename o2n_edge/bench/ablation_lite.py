@@ -204,7 +204,6 @@ def run_one(ds: Any, profile: Any, encoder: Any, cache: TestCache, k: int, seed:
     """
     from o2n_edge.diffusion import generate_pool, load_run
     from o2n_edge.encoders import encode_images
-    from o2n_edge.personalized_eval import ensure_run
     from o2n_edge.scoring import ScoringConfig, _standardization, augment_views, build_reference
 
     t0 = time.perf_counter()
@@ -213,9 +212,17 @@ def run_one(ds: Any, profile: Any, encoder: Any, cache: TestCache, k: int, seed:
     prof = replace(profile, diffusion=spec)
     shot_paths = sample_shots(ds.train_good, k, seed)
     run_dir = runs_dir / cfg.run_tag / f"{ds.name}-{ds.category}-k{k}-s{seed}"
-    times = ensure_run(shot_paths, ds.category, prof, run_dir, seed, progress=False,
-                       personalize_steps=cfg.steps, distill_steps=0)
-    run = load_run(run_dir, device="cpu")
+    times: dict[str, Any] = {}
+    if not (run_dir / "run.json").is_file():
+        # lite distils nothing (distill_steps 0: the one-step student IS the denoiser), so the
+        # ablation uses the personalized denoiser directly and skips distill's measurement pass
+        from o2n_edge.diffusion.personalize import personalize
+
+        t = time.perf_counter()
+        personalize([load_image(p, spec.image_size) for p in shot_paths], ds.category, spec, run_dir,
+                    steps=cfg.steps, seed=seed, progress=False)
+        times["personalize_s"] = round(time.perf_counter() - t, 2)
+    run = load_run(run_dir, load_student=False, device="cpu")
     run.spec = replace(run.spec, keep_low_sigma=cfg.keep_low_sigma)
     sf = run.models.scaling_factor
     info = json.loads((run_dir / "run.json").read_text())
