@@ -1,0 +1,171 @@
+"""`o2n-edge report` end to end on a tiny bundle and real photos, and its one-line errors.
+
+The tiny bundle has every branch (the personalized one included), so the gallery's
+"normal version" column is exercised; the report runs in a subprocess where `import torch` fails,
+as on a line-side box with the base install + the report extra.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from o2n_edge.cli import app
+
+runner = CliRunner(env={"COLUMNS": "400"})  # rich wraps errors at the terminal width
+HAZELNUT_GOOD, HAZELNUT_BAD = 6, 17  # hazelnut_toy's test split
+# Hide torch as an install without it would: a finder that says "no such module". Setting
+# sys.modules['torch'] = None is not enough here: scipy's array-API helpers look torch up there.
+BLOCK_TORCH = (
+    "import sys\n"
+    "class _NoTorch:\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name == 'torch' or name.startswith('torch.'):\n"
+    "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+    "sys.meta_path.insert(0, _NoTorch())\n"
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from o2n_edge.export.build import ExportOptions, export_bundle
+
+    root = tmp_path_factory.mktemp("report")
+    summary = export_bundle(ExportOptions(
+        category="hazelnut", out=root / "bundle", profile="tiny", data=shared_data / "hazelnut_toy",
+        shots=2, seed=0, runs_dir=root / "runs", pool_size=2, personalize_steps=8, distill_steps=2,
+        progress=False))
+    return summary.bundle
+
+
+@pytest.fixture(scope="module")
+def report_dir(tiny_bundle: Path, shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The report, written by the CLI in a process where torch cannot be imported."""
+    out = tmp_path_factory.mktemp("reports") / "hz"
+    code = (
+        f"{BLOCK_TORCH}"
+        "from o2n_edge.cli import app\n"
+        f"try:\n    app(['report', '--bundle', {str(tiny_bundle)!r}, '--data', {str(shared_data / 'hazelnut_toy')!r},"
+        f" '--out', {str(out)!r}, '--no-progress', '--threads', '1', '--gallery', '3', '--target-frr', '0.2'])\n"
+        "except SystemExit as e:\n    assert not e.code, e.code\n"
+        "assert not [m for m in sys.modules if m.split('.')[0] == 'torch'], 'torch was imported'\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "wrote" in res.stdout and "false rejects" in res.stdout, res.stdout
+    return out
+
+
+def test_report_files_and_figures_are_consistent(report_dir: Path, tiny_bundle: Path) -> None:
+    assert sorted(p.name for p in report_dir.iterdir()) == ["report.html", "report.json"]
+    assert not [p for p in report_dir.parent.iterdir() if p.name.startswith(".")], "temp dirs left behind"
+    doc = json.loads((report_dir / "report.json").read_text())
+    manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+    assert (doc["n_test"], doc["n_good"], doc["n_defective"]) == (HAZELNUT_GOOD + HAZELNUT_BAD, HAZELNUT_GOOD, HAZELNUT_BAD)
+    threshold = manifest["threshold"]["value"]
+    op = doc["at_bundle_threshold"]
+    assert op["threshold"] == threshold
+    # the counts are the per-image scores against the manifest's threshold, recomputed here
+    scores = np.array([r["score"] for r in doc["images"]])
+    labels = np.array([r["label"] for r in doc["images"]])
+    assert op["false_reject"]["count"] == int((scores[labels == 0] > threshold).sum())
+    assert op["escape"]["count"] == int((scores[labels == 1] <= threshold).sum())
+    assert op["false_reject"]["ci_low"] <= op["false_reject"]["rate"] <= op["false_reject"]["ci_high"]
+    # the target-FRR threshold (20%: one of six goods may be rejected) is the 2nd highest good score
+    t_target = doc["at_target_frr"]["threshold"]
+    assert t_target == pytest.approx(np.sort(scores[labels == 0])[-2])
+    assert doc["at_target_frr"]["false_reject"]["count"] <= 1
+    # per type: one type here, so it equals the overall figures; masks exist -> pixel metrics
+    (colour,) = doc["per_type"]
+    assert colour["defect"] == "colour" and colour["n"] == HAZELNUT_BAD
+    assert colour["escape"] == op["escape"]
+    assert colour["image_auroc"] == pytest.approx(doc["metrics"]["image_auroc"])
+    assert 0.0 <= colour["pixel_auroc"] <= 1.0 and 0.0 <= colour["pixel_pro"] <= 1.0
+    assert doc["bundle"]["has_normal_version"] is True
+    assert len(doc["gallery"]["escapes"]) == 3 and len(doc["gallery"]["false_rejects"]) == 3
+
+
+def test_report_page_is_self_contained(report_dir: Path) -> None:
+    html = (report_dir / "report.html").read_text()
+    assert not re.search(r"""(src|href)\s*=\s*['"](?!data:)""", html), "the page links to an external asset"
+    assert "http://" not in html and "https://" not in html
+    pngs = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", html)
+    assert len(pngs) == 4  # histogram, ROC, PR, per type
+    for b64 in pngs:
+        assert Image.open(io.BytesIO(base64.b64decode(b64))).size[0] > 500
+    strips = re.findall(r"data:image/jpeg;base64,([A-Za-z0-9+/=]+)", html)
+    assert len(strips) == 6  # 3 escapes + 3 false rejects
+    strip = Image.open(io.BytesIO(base64.b64decode(strips[0])))
+    assert strip.size[0] > 2.5 * strip.size[1]  # query | normal version | overlay
+    for text in ("good parts rejected", "escapes", "colour", "query | normal version | heat-map overlay",
+                 "Clopper-Pearson", "Worst false rejects"):
+        assert text in html, text
+
+
+def test_report_replaces_a_previous_report_but_never_other_directories(
+    tiny_bundle: Path, shared_data: Path, tmp_path: Path
+) -> None:
+    from o2n_edge.acceptance.build import write_atomically
+
+    out = tmp_path / "rep"
+    write_atomically(out, {"report.json": b"{}", "report.html": b"old"})
+    write_atomically(out, {"report.json": b"{}", "report.html": b"new"})
+    assert (out / "report.html").read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rep"]
+    other = tmp_path / "precious"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    res = runner.invoke(app, ["report", "--bundle", str(tiny_bundle), "--data", str(shared_data / "hazelnut_toy"),
+                              "--out", str(other), "--no-progress"])
+    assert res.exit_code == 2 and "not a report directory" in res.output, res.output
+    assert (other / "notes.txt").read_text() == "keep me"
+
+
+def _mvtec_copy(src: Path, dst: Path, test_types: list[str]) -> Path:
+    """A hazelnut copy (symlinks) whose test split holds only ``test_types``."""
+    cat = dst / "hazelnut"
+    (cat / "train").mkdir(parents=True)
+    (cat / "train" / "good").symlink_to(src / "train" / "good")
+    (cat / "test").mkdir()
+    for t in test_types:
+        (cat / "test" / t).symlink_to(src / "test" / t)
+    return dst
+
+
+@pytest.mark.parametrize("types, message", [(["good"], "no defective images"), (["colour"], "no good images")])
+def test_a_split_without_goods_or_defects_is_a_one_line_error(
+    tiny_bundle: Path, shared_data: Path, tmp_path: Path, types: list[str], message: str
+) -> None:
+    root = _mvtec_copy(shared_data / "hazelnut_toy" / "hazelnut", tmp_path / "data", types)
+    res = runner.invoke(app, ["report", "--bundle", str(tiny_bundle), "--data", str(root), "--out",
+                              str(tmp_path / "rep"), "--no-progress"])
+    assert res.exit_code == 2, res.output
+    assert message in res.output and "Traceback" not in res.output
+    assert len(res.output.strip().splitlines()) == 1, res.output
+    assert not (tmp_path / "rep").exists()
+
+
+def test_missing_report_extra_names_it(tiny_bundle: Path, shared_data: Path, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import o2n_edge.acceptance.build as build
+
+    monkeypatch.setitem(build.REPORT_MODULES, "o2n_edge_no_such_module", "a test")
+    res = runner.invoke(app, ["report", "--bundle", str(tiny_bundle), "--data", str(shared_data / "hazelnut_toy"),
+                              "--out", str(tmp_path / "rep"), "--no-progress"])
+    assert res.exit_code == 2 and "o2n-edge[report]" in res.output, res.output
+
+
+def test_wrong_category_is_refused(tiny_bundle: Path, shared_data: Path, tmp_path: Path) -> None:
+    res = runner.invoke(app, ["report", "--bundle", str(tiny_bundle), "--data", str(shared_data / "mvtec3d_rgb"),
+                              "--category", "tire", "--out", str(tmp_path / "rep"), "--no-progress"])
+    assert res.exit_code == 2 and "'hazelnut'" in res.output and "'tire'" in res.output, res.output
