@@ -17,6 +17,7 @@ EXTRA_OF: dict[str, str] = {
     "diffusers": "build",
     "open_clip": "build",
     "peft": "build",
+    "huggingface_hub": "build",
     "onnx": "build",
     "onnxslim": "build",
     "optimum": "build",
