@@ -77,12 +77,12 @@ def export_cmd(
         _build_engines(summary.bundle, precision)
 
 
-def _build_engines(bundle: Path, precision: str) -> None:
-    from o2n_edge.export.tensorrt_build import TensorRTUnavailable, build_engines
+def _build_engines(bundle: Path, precision: str | None) -> None:
+    from o2n_edge.export.tensorrt_build import EngineBuildError, TensorRTUnavailable, build_engines
 
     try:
         reports = build_engines(bundle, precision=precision)
-    except TensorRTUnavailable as exc:
+    except (TensorRTUnavailable, EngineBuildError, *USER_ERRORS) as exc:
         fail(str(exc))
     for name, rep in reports.items():
         typer.echo(f"  engine {name}: {rep}")
@@ -91,7 +91,7 @@ def _build_engines(bundle: Path, precision: str) -> None:
 @app.command("build-engines")
 def build_engines_cmd(
     bundle: Path = typer.Argument(..., help="Bundle directory."),
-    precision: str = typer.Option("fp16", "--precision", help="fp16 or fp32 TensorRT engines."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp16 or fp32 TensorRT engines (default: the bundle's precision; TensorRT 11 builds only that)."),
 ) -> None:
     """Build TensorRT engines for a bundle on this device (cached by onnx hash, TensorRT version, GPU and profile)."""
     _build_engines(bundle, precision)
