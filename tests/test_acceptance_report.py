@@ -169,3 +169,18 @@ def test_wrong_category_is_refused(tiny_bundle: Path, shared_data: Path, tmp_pat
     res = runner.invoke(app, ["report", "--bundle", str(tiny_bundle), "--data", str(shared_data / "mvtec3d_rgb"),
                               "--category", "tire", "--out", str(tmp_path / "rep"), "--no-progress"])
     assert res.exit_code == 2 and "'hazelnut'" in res.output and "'tire'" in res.output, res.output
+
+
+def test_report_page_renders_in_headless_chromium(report_dir: Path, tmp_path: Path) -> None:
+    """Every embedded image decodes in a real browser, and a full-page screenshot is taken."""
+    from o2n_edge.bench.screenshot import BrowserUnavailable, screenshot_page
+
+    png = tmp_path / "shot.png"
+    try:
+        info = screenshot_page(report_dir / "report.html", png)
+    except BrowserUnavailable as exc:
+        pytest.skip(str(exc))
+    assert info["images"] == 10 and info["images_loaded"] == 10, info
+    assert info["page_height"] > 1500
+    shot = Image.open(png)
+    assert shot.size[0] >= 1000 and shot.size[1] > 1000

@@ -58,34 +58,46 @@ class ReportSummary:
         return self.out / REPORT_JSON
 
 
-def _jpeg_strip(query: np.ndarray, normal: np.ndarray | None, anomaly_map: np.ndarray | None) -> bytes:
+def _jpeg_strip(query: np.ndarray, normal: np.ndarray | None, anomaly_map: np.ndarray | None,
+                vmin: float, vmax: float) -> bytes:
     from PIL import Image
 
     from o2n_edge.runtime.render import overlay, side_by_side
 
-    panels = [query] + ([normal] if normal is not None else []) + ([overlay(query, anomaly_map)] if anomaly_map is not None else [])
+    panels = [query] + ([normal] if normal is not None else [])
+    if anomaly_map is not None:
+        panels.append(overlay(query, anomaly_map, vmin=vmin, vmax=vmax))
     buf = io.BytesIO()
     Image.fromarray(side_by_side(panels)).save(buf, format="JPEG", quality=GALLERY_JPEG_QUALITY)
     return buf.getvalue()
 
 
 def _gallery_cards(inspector, scored, doc: dict, progress: bool) -> tuple[dict[str, list[dict]], bool]:
+    """Re-inspect the picked images and draw them with ONE colour scale for every card.
+
+    A per-image scale (what the operator page uses to show *where*) would paint a clean good
+    part's noise as hot as a real defect; here the reader compares cards, so red means the same
+    map value everywhere.
+    """
     from o2n_edge.acceptance.collect import inspect_one, relative_name
     from o2n_edge.progress import progress_iter
 
     picks = [(kind, i) for kind in ("escapes", "false_rejects") for i in doc["gallery"][kind]]
+    results = [(kind, i, inspect_one(inspector, scored.samples[i])) for kind, i in progress_iter(picks, "gallery", progress)]
+    maps = [r.anomaly_map for _, _, r in results if r.anomaly_map is not None]
+    vmin = float(min(np.min(m) for m in maps)) if maps else 0.0
+    vmax = float(max(np.max(m) for m in maps)) if maps else 1.0
+    doc["gallery"]["map_range"] = [vmin, vmax]
     cards: dict[str, list[dict]] = {"escapes": [], "false_rejects": []}
     threshold = doc["at_bundle_threshold"]["threshold"]
     has_normal = False
-    for kind, i in progress_iter(picks, "gallery", progress):
-        sample = scored.samples[i]
-        r = inspect_one(inspector, sample)
+    for kind, i, r in results:
         has_normal = has_normal or r.normal is not None
         rejected = r.score > threshold
         miss = (not rejected) if kind == "escapes" else rejected
         tag = ("ESCAPE" if miss else "caught") if kind == "escapes" else ("FALSE REJECT" if miss else "passed")
-        cards[kind].append({"file": relative_name(sample), "score": float(r.score), "miss": miss, "tag": tag,
-                            "jpeg": _jpeg_strip(r.query, r.normal, r.anomaly_map)})
+        cards[kind].append({"file": relative_name(scored.samples[i]), "score": float(r.score), "miss": miss, "tag": tag,
+                            "jpeg": _jpeg_strip(r.query, r.normal, r.anomaly_map, vmin, vmax)})
     return cards, has_normal
 
 
@@ -154,11 +166,13 @@ def build_report(
     gallery_size: int = 6,
     progress: bool = True,
     inspector=None,
+    provenance: dict | None = None,
 ) -> ReportSummary:
     """Score ``dataset``'s test split with ``bundle`` and write the report to ``out``.
 
     ``inspector`` replaces the ONNX Runtime pipeline (tests pass a double); it must be an
-    :class:`o2n_edge.runtime.types.Inspector` with a ``manifest``.
+    :class:`o2n_edge.runtime.types.Inspector` with a ``manifest``. ``provenance`` (e.g. the
+    commit and command the bundle came from) is copied into the document and shown on the page.
     """
     from o2n_edge import __version__
     from o2n_edge.acceptance.analyze import analyze
@@ -194,6 +208,7 @@ def build_report(
         "providers": list(getattr(inspector, "providers", []) or ["test double"]),
         "bundle": info,
         "dataset": _dataset_info(dataset),
+        "provenance": dict(provenance or {}),
         **doc,
         "scoring_wall_s": round(scored.wall_s, 2),
         "wall_s": round(time.perf_counter() - t0, 2),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 from html import escape
 
+WIDE_PLOTS = ("histogram", "per_type")  # span both columns (drawn twice as wide)
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1180px;color:#222;padding:0 16px}
 h1{font-size:22px;margin-bottom:4px} h2{font-size:17px;margin-top:28px;border-bottom:1px solid #ddd;padding-bottom:4px}
@@ -62,7 +63,8 @@ def _meta(doc: dict) -> str:
         f"threshold {t['value']:.4g}: {escape(str(t.get('method', '')))}{quantile}<br>"
         f"data set <b>{escape(d['name'])}</b> / {escape(d['category'])} ({escape(d['root'])}): "
         f"{doc['n_test']} test images: {counts}<br>"
-        f"generated {escape(doc['created'])} by o2n-edge {escape(doc['o2n_edge_version'])} on "
+        + "".join(f"{escape(str(k))}: {escape(str(v))}<br>" for k, v in doc.get("provenance", {}).items())
+        + f"generated {escape(doc['created'])} by o2n-edge {escape(doc['o2n_edge_version'])} on "
         f"{escape(', '.join(doc['providers']))} in {doc['wall_s']:.0f} s</div>"
     )
 
@@ -124,7 +126,7 @@ def _type_table(doc: dict) -> str:
 def _plots(plots: dict[str, bytes]) -> str:
     cells = []
     for name, png in plots.items():
-        cls = " class='wide'" if name == "per_type" else ""
+        cls = " class='wide'" if name in WIDE_PLOTS else ""
         cells.append(f"<div{cls}><img alt='{escape(name)}' src='{data_uri(png)}'></div>")
     return f"<div class='plots'>{''.join(cells)}</div>"
 
@@ -168,6 +170,8 @@ def render_page(doc: dict, plots: dict[str, bytes], gallery: dict[str, list[dict
         f"<h2>Operating points</h2>{_operating_table(doc)}"
         f"<h2>Per defect type</h2>{_type_table(doc)}"
         f"<h2>Plots</h2>{_plots(plots)}"
+        f"<p class='note'>Gallery heat maps share one colour scale (map values {doc['gallery']['map_range'][0]:.2f} "
+        f"to {doc['gallery']['map_range'][1]:.2f}), so the same colour is the same evidence on every card.</p>"
         f"<h2>Worst escapes</h2><p class='note'>The lowest-scoring defective images ({escape(panels)}); "
         "those at or below the bundle's threshold are escapes.</p>"
         f"{_gallery(gallery['escapes'], 'no defective image in the test set')}"
