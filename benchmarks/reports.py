@@ -37,9 +37,9 @@ def summary_markdown(rows: list[dict]) -> str:
             "1% FRR threshold", "false rejects there", "escapes there", "image AUROC", "pixel AUROC", "PRO (0.3)",
             "escapes per type (bundle's threshold)", "wall s"]
     lines = ["# Acceptance reports (`o2n-edge report`)", "",
-             "Rates in percent with Clopper-Pearson 95% intervals; an image is rejected when its score is above "
-             "the threshold. The 1% FRR threshold is chosen on the test set itself (optimistic). "
-             "Each report's page, JSON and screenshot are in its folder.", "",
+             ("Rates in percent with Clopper-Pearson 95% intervals; an image is rejected when its score is above "
+              "the threshold. The 1% FRR threshold is chosen on the test set itself (optimistic). "
+              "Each report's page, JSON and screenshot are in its folder."), "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for d in rows:
         b, op, opt = d["bundle"], d["at_bundle_threshold"], d["at_target_frr"]

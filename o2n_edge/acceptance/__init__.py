@@ -13,6 +13,12 @@ Modules: :mod:`.operating_point` (rates, intervals, target-FRR threshold), :mod:
 :mod:`.plots`, :mod:`.page` (self-contained HTML), :mod:`.build` (the whole run, atomic write).
 """
 
-from o2n_edge.acceptance.build import REPORT_HTML, REPORT_JSON, ReportSummary, build_report, require_report_extra
+from o2n_edge.acceptance.build import (
+    REPORT_HTML,
+    REPORT_JSON,
+    ReportSummary,
+    build_report,
+    require_report_extra,
+)
 
 __all__ = ["REPORT_HTML", "REPORT_JSON", "ReportSummary", "build_report", "require_report_extra"]

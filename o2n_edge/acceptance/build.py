@@ -135,9 +135,9 @@ def write_atomically(out: Path, files: dict[str, bytes]) -> None:
     must never delete something it did not write).
     """
     out = Path(out)
-    if out.exists() and not (out / REPORT_JSON).is_file():
-        if not out.is_dir() or any(out.iterdir()):
-            raise FileExistsError(f"{out} exists and is not a report directory: choose another --out")
+    is_report = (out / REPORT_JSON).is_file()
+    if out.exists() and not is_report and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not a report directory: choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if tmp.exists():

@@ -17,7 +17,7 @@ import numpy as np
 
 from o2n_edge.data import Dataset, Sample, load_image, load_mask
 from o2n_edge.progress import progress_iter
-from o2n_edge.runtime.types import InspectResult, Inspector
+from o2n_edge.runtime.types import Inspector, InspectResult
 
 # Images per inspect_batch call: the pipeline's own batch default (one ORT call per stage).
 BATCH = 8

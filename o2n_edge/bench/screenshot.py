@@ -45,7 +45,7 @@ def open_browser(width: int = WIDTH, height: int = 1000):
         options.add_argument(arg)
     try:
         driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver_path))
-    except Exception as exc:  # noqa: BLE001 - e.g. a driver/browser version mismatch
+    except Exception as exc:
         raise BrowserUnavailable(f"cannot start headless chromium ({type(exc).__name__}: {exc})") from exc
     driver.set_page_load_timeout(PAGE_TIMEOUT_S)
     return driver

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -22,10 +21,10 @@ from o2n_edge.cli.common import (
 @app.command("report")
 def report_cmd(
     bundle: Path = BundleOpt,
-    out: Optional[Path] = typer.Option(None, "--out", help="Report directory to write (report.html + report.json; default: reports/<bundle name>)."),
-    data: Optional[Path] = DataOpt,
+    out: Path | None = typer.Option(None, "--out", help="Report directory to write (report.html + report.json; default: reports/<bundle name>)."),
+    data: Path | None = DataOpt,
     dataset: str = DatasetOpt,
-    category: Optional[str] = typer.Option(None, "--category", help="Category in the data set (default: the bundle's)."),
+    category: str | None = typer.Option(None, "--category", help="Category in the data set (default: the bundle's)."),
     target_frr: float = typer.Option(0.01, "--target-frr", help="Also report the threshold that rejects at most this fraction of good test images, and its escape rate."),
     confidence: float = typer.Option(0.95, "--confidence", help="Confidence level of the binomial intervals (Clopper-Pearson)."),
     gallery: int = typer.Option(6, "--gallery", help="Images in each gallery row (worst escapes, worst false rejects)."),
