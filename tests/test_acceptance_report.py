@@ -184,3 +184,66 @@ def test_report_page_renders_in_headless_chromium(report_dir: Path, tmp_path: Pa
     assert info["page_height"] > 1500
     shot = Image.open(png)
     assert shot.size[0] >= 1000 and shot.size[1] > 1000
+
+
+class _ManifestFake:
+    """FakeInspector (brightness as the score) with the manifest the report reads; no bundle needed."""
+
+    def __new__(cls, threshold: float, rule_offset: float = 0.0):
+        from fakes import FakeInspector
+
+        fake = FakeInspector(threshold=threshold, with_normal=False)
+        fake.manifest = {"category": "tire", "profile": "fake", "dataset": "mvtec", "precision": "fp32",
+                         "scoring": {"branches": ["pool"]}, "shots": {"k": 1, "images": []},
+                         "threshold": {"value": threshold, "method": "fixed for the test"},
+                         "manifest_sha256": "0" * 64}
+        if rule_offset:  # a runtime whose decisions do not follow score > threshold
+            inspect_batch = fake.inspect_batch
+
+            def shifted(images):
+                out = inspect_batch(images)
+                for r in out:
+                    r.decision = r.score > threshold + rule_offset
+                return out
+
+            fake.inspect_batch = shifted
+        return fake
+
+
+def test_report_with_a_stand_in_inspector_on_four_defect_types(shared_data: Path, tmp_path: Path) -> None:
+    """Per-type rows, misses on both sides and a gallery without normal versions (fast: no bundle)."""
+    from o2n_edge.acceptance import build_report
+    from o2n_edge.data import load_dataset
+
+    ds = load_dataset(shared_data / "mvtec3d_rgb", None, "tire")
+    probe = _ManifestFake(0.0)
+    scores = np.array([probe.expected_score(np.asarray(Image.open(s.path).convert("RGB"))) for s in ds.test])
+    threshold = float(np.median(scores))
+    summary = build_report(Path("fake-bundle"), ds, tmp_path / "rep", inspector=_ManifestFake(threshold),
+                           progress=False, gallery_size=2, provenance={"bundle from": "a test"})
+    doc = summary.doc
+    labels = ds.labels
+    assert doc["at_bundle_threshold"]["false_reject"]["count"] == int((scores[labels == 0] > threshold).sum())
+    assert doc["at_bundle_threshold"]["escape"]["count"] == int((scores[labels == 1] <= threshold).sum())
+    assert [r["defect"] for r in doc["per_type"]] == ["combined", "contamination", "cut", "hole"]
+    assert sum(r["escape"]["count"] for r in doc["per_type"]) == doc["at_bundle_threshold"]["escape"]["count"]
+    assert all(r["pixel_auroc"] is not None for r in doc["per_type"])
+    assert doc["bundle"]["has_normal_version"] is False
+    html = summary.html.read_text()
+    assert "query | heat-map overlay" in html and "bundle from: a test" in html
+    assert ("ESCAPE" in html) == (doc["at_bundle_threshold"]["escape"]["count"] > 0)
+    # the lowest-scoring defect leads the escapes row, the highest-scoring good the false rejects
+    first_escape = doc["images"][doc["gallery"]["escapes"][0]]
+    assert first_escape["score"] == min(r["score"] for r in doc["images"] if r["label"] == 1)
+
+
+def test_report_refuses_a_runtime_whose_decisions_it_cannot_recount(shared_data: Path, tmp_path: Path) -> None:
+    from o2n_edge.acceptance import build_report
+    from o2n_edge.data import load_dataset
+
+    ds = load_dataset(shared_data / "hazelnut_toy", None, "hazelnut")
+    ds.category = "tire"  # the stand-in's manifest says tire
+    with pytest.raises(ValueError, match="decision differs"):
+        build_report(Path("fake-bundle"), ds, tmp_path / "rep", inspector=_ManifestFake(0.0, rule_offset=1e6),
+                     progress=False)
+    assert not (tmp_path / "rep").exists()

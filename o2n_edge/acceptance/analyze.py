@@ -40,6 +40,12 @@ def analyze(
 ) -> dict:
     """The report document (JSON-ready): overall, per defect type, per image, gallery picks."""
     y, s = scored.labels, scored.scores
+    # Every rate below recounts "score > threshold"; that must be the rule the runtime decided by.
+    disagree = np.flatnonzero(scored.decisions != (s > threshold))
+    if disagree.size:
+        first = scored.samples[int(disagree[0])]
+        raise ValueError(f"the runtime's decision differs from 'score > threshold {threshold:.6g}' on "
+                         f"{disagree.size} image(s), e.g. {relative_name(first)}: the report cannot recount its rates")
     defects = np.asarray(scored.defects)
     good = s[y == 0]
     t_target = threshold_for_frr(good, target_frr)

@@ -33,6 +33,7 @@ class ScoredSet:
 
     samples: list[Sample]
     scores: np.ndarray  # (N,) float64
+    decisions: np.ndarray  # (N,) bool, the runtime's own verdict (True = rejected)
     maps: np.ndarray | None  # (N, S, S) float32 at the scoring size, or None without masks
     masks: np.ndarray | None  # (N, S, S) bool, or None
     wall_s: float
@@ -67,6 +68,7 @@ def score_test_set(inspector: Inspector, dataset: Dataset, progress: bool = True
     samples = list(dataset.test)
     keep_maps = dataset.has_masks
     scores = np.empty(len(samples), dtype=np.float64)
+    decisions = np.empty(len(samples), dtype=bool)
     maps = np.empty((len(samples), size, size), dtype=np.float32) if keep_maps else None
     starts = range(0, len(samples), batch)
     for start in progress_iter(starts, f"scoring {len(samples)} test images", progress, total=len(starts)):
@@ -74,12 +76,13 @@ def score_test_set(inspector: Inspector, dataset: Dataset, progress: bool = True
         results = inspector.inspect_batch([load_image(s.path, size) for s in chunk])
         for i, r in enumerate(results):
             scores[start + i] = r.score
+            decisions[start + i] = r.decision
             if maps is not None:
                 maps[start + i] = _map_at(r, size)
     masks = None
     if keep_maps:
         masks = np.stack([load_mask(s.mask_path, (size, size)) for s in samples])
-    return ScoredSet(samples, scores, maps, masks, time.perf_counter() - t0)
+    return ScoredSet(samples, scores, decisions, maps, masks, time.perf_counter() - t0)
 
 
 def inspect_one(inspector: Inspector, sample: Sample) -> InspectResult:
