@@ -35,6 +35,7 @@ COMPARISONS = ("query", "recon", "latent")
 METRICS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_pro")
 SCORE_BATCH = 32
 LATENT_BATCH = 16
+POOL_SIZE = 16  # generated images of the +pool / all variants (whatever the profile's default)
 
 
 @dataclass(frozen=True)
@@ -248,7 +249,7 @@ def run_one(ds: Any, profile: Any, encoder: Any, cache: TestCache, k: int, seed:
     shot_recon_feats = encode_images(encoder, resize_uint8(shot_rec, size))
 
     t = time.perf_counter()
-    pool = generate_pool(run, profile.diffusion.pool_size, seed=seed, progress=False)
+    pool = generate_pool(run, POOL_SIZE, seed=seed, progress=False)
     pool_feats = encode_images(encoder, resize_uint8(pool, size))
     times["pool_s"] = round(time.perf_counter() - t, 2)
 
