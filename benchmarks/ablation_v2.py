@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from o2n_edge.bench.ablation_lite import COMPARISONS, TestCache, TrainConfig, run_one, summarize
+from o2n_edge.bench.ablation_lite import COMPARISONS, TestCache, TrainConfig, run_one, summarize, verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = (ROOT / ".." / "shared" / "data").resolve()
@@ -39,9 +39,10 @@ def write_summary(name: str, jsonl: Path | list[Path], header: str) -> str:
     files = jsonl if isinstance(jsonl, list) else [jsonl]
     records = [json.loads(x) for f in files for x in f.read_text().splitlines() if x.strip()]
     rows, md = summarize(records, ORDER)
-    (RESULTS / f"{name}.json").write_text(json.dumps({"rows": rows, "runs": records}, indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text(f"# {name}\n\n{header}\n\n" + md)
-    return md
+    decision, vmd = verdict(rows)
+    (RESULTS / f"{name}.json").write_text(json.dumps({"rows": rows, "verdict": decision, "runs": records}, indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text(f"# {name}\n\n{header}\n\n" + md + "\n## Verdict\n\n" + vmd)
+    return md + "\n" + vmd
 
 
 def main() -> None:

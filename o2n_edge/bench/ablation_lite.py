@@ -366,3 +366,54 @@ def summarize(records: list[dict[str, Any]], order: list[str]) -> tuple[list[dic
                      f"{avg('psnr_normal_vs_query_good'):.1f} | {avg('shot_latent_residual'):.3f} / {avg('test_good_latent_residual'):.3f} | "
                      f"{avg('personalize_s'):.0f} | {avg('transform_s'):.1f} | {avg('wall_s'):.0f} |")
     return rows, "\n".join(lines) + "\n\n" + "\n".join(extra) + "\n"
+
+
+def verdict(rows: list[dict[str, Any]], shots: tuple[int, ...] = (2, 4), pixel_slack: float = 0.005) -> tuple[dict[str, Any], str]:
+    """Issue 10's decision rule, computed from the summary rows (means over seeds).
+
+    A variant *beats* shots-only on a data set when, at every shot count in ``shots``, its mean
+    image AUROC is higher and its mean pixel AUROC (where masks exist) is not lower by more than
+    ``pixel_slack``. The transform stays on by default only if some variant beats shots-only on
+    at least two of the data sets (item 5) - and the "Done when" asks for tire and textile.
+    """
+    out: dict[str, Any] = {}
+    lines = ["| config | variant | " + " | ".join(f"{c}: Δ image AUROC at k={','.join(map(str, shots))} (Δ pixel)" for c in ORDER_FOR_VERDICT)
+             + " | beats shots-only on |", "|---|---|" + "---|" * len(ORDER_FOR_VERDICT) + "---|"]
+    index = {(r["config"], r["category"], r["shots"], r["variant"]): r for r in rows}
+    configs = sorted({r["config"] for r in rows})
+    for cfg in configs:
+        for v in [n for n in variant_names() if n != "shots-only"]:
+            cells, wins = [], []
+            for cat in ORDER_FOR_VERDICT:
+                parts, ok, seen = [], True, False
+                for k in shots:
+                    a, b = index.get((cfg, cat, k, v)), index.get((cfg, cat, k, "shots-only"))
+                    if a is None or b is None or a.get("image_auroc") is None:
+                        ok = False
+                        parts.append("—")
+                        continue
+                    seen = True
+                    d = a["image_auroc"]["mean"] - b["image_auroc"]["mean"]
+                    dp = None
+                    if a.get("pixel_auroc") and b.get("pixel_auroc"):
+                        dp = a["pixel_auroc"]["mean"] - b["pixel_auroc"]["mean"]
+                    ok = ok and d > 0 and (dp is None or dp >= -pixel_slack)
+                    parts.append(f"{100 * d:+.1f}" + (f" ({100 * dp:+.1f})" if dp is not None else ""))
+                if seen and ok:
+                    wins.append(cat)
+                cells.append(" / ".join(parts))
+            out[f"{cfg} {v}"] = wins
+            if any(c != "—" for c in " / ".join(cells).split(" / ")):
+                lines.append(f"| {cfg} | {v} | " + " | ".join(cells) + f" | {', '.join(wins) or 'none'} |")
+    best = max(out.values(), key=len) if out else []
+    on = len(best) >= 2
+    done_when = any({"tire", "textile"} <= set(w) for w in out.values())
+    text = "\n".join(lines) + (
+        f"\n\nDecision rule (item 5): the transform stays on by default only if one variant beats shots-only on at "
+        f"least two data sets: **{'met' if on else 'not met'}** (best: {', '.join(best) or 'none'}). "
+        f"\"Done when\" (tire and textile at k=2 and 4, pixel AUROC within 0.5 points): "
+        f"**{'met' if done_when else 'not met'}**.\n")
+    return {"per_variant": out, "transform_on_by_default": on, "done_when_met": done_when}, text
+
+
+ORDER_FOR_VERDICT = ("hazelnut", "tire", "textile")
