@@ -405,6 +405,9 @@ def verdict(rows: list[dict[str, Any]], shots: tuple[int, ...] = (2, 4), pixel_s
             out[f"{cfg} {v}"] = wins
             if any(c != "—" for c in " / ".join(cells).split(" / ")):
                 lines.append(f"| {cfg} | {v} | " + " | ".join(cells) + f" | {', '.join(wins) or 'none'} |")
+    saturated = [c for c in ORDER_FOR_VERDICT if all(
+        index.get((cfg, c, k, "shots-only"), {}).get("image_auroc", {"mean": 0})["mean"] >= 1.0
+        for cfg in configs for k in shots) and any((cfg, c, k, "shots-only") in index for cfg in configs for k in shots)]
     best = max(out.values(), key=len) if out else []
     on = len(best) >= 2
     done_when = any({"tire", "textile"} <= set(w) for w in out.values())
@@ -412,7 +415,9 @@ def verdict(rows: list[dict[str, Any]], shots: tuple[int, ...] = (2, 4), pixel_s
         f"\n\nDecision rule (item 5): the transform stays on by default only if one variant beats shots-only on at "
         f"least two data sets: **{'met' if on else 'not met'}** (best: {', '.join(best) or 'none'}). "
         f"\"Done when\" (tire and textile at k=2 and 4, pixel AUROC within 0.5 points): "
-        f"**{'met' if done_when else 'not met'}**.\n")
+        f"**{'met' if done_when else 'not met'}**."
+        + (f" Shots-only is already at 100.0 image AUROC at k={','.join(map(str, shots))} on {', '.join(saturated)}: "
+           "nothing can beat it there." if saturated else "") + "\n")
     return {"per_variant": out, "transform_on_by_default": on, "done_when_met": done_when}, text
 
 
