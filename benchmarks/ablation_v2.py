@@ -37,7 +37,14 @@ def parse_config(text: str) -> TrainConfig:
 
 def write_summary(name: str, jsonl: Path | list[Path], header: str) -> str:
     files = jsonl if isinstance(jsonl, list) else [jsonl]
-    records = [json.loads(x) for f in files for x in f.read_text().splitlines() if x.strip()]
+    records, seen = [], set()
+    for f in files:
+        for x in f.read_text().splitlines() if f.exists() else []:
+            r = json.loads(x) if x.strip() else None
+            key = r and (r["config"], r["category"], r["shots"], r["seed"])
+            if r and key not in seen:  # parallel processes could finish the same run twice: first wins
+                seen.add(key)
+                records.append(r)
     rows, md = summarize(records, ORDER)
     decision, vmd = verdict(rows)
     (RESULTS / f"{name}.json").write_text(json.dumps({"rows": rows, "verdict": decision, "runs": records}, indent=2) + "\n")
