@@ -29,7 +29,9 @@ def _table(doc: dict) -> str:
         "# sd15 dry run at real size (CPU, seeded random weights, offline hub cache)",
         "",
         f"Command: `{doc['command']}`. Diffusion size {doc['size']} px, scoring size 240 px (ViT-B-16-plus-240), "
-        f"{doc['threads']} thread(s); machine: {doc['machine']}. Random weights: scores are meaningless, "
+        f"{doc['threads']} thread(s); machine: {doc['machine']['cpu']} ({doc['machine']['cores']} usable cores, "
+        f"shared with other work: load average at start {doc['machine']['load_average_start']}). "
+        "Random weights: scores are meaningless, "
         "time, memory and bytes are not.",
         "",
         "| stage | wall s | peak RSS GiB | bytes written | notes |",
@@ -52,12 +54,13 @@ def _table(doc: dict) -> str:
             note = ", ".join(f"{k} {v / 1e6:.0f} MB" for k, v in big.items())
             note += f"; runtime vs torch max |diff| {info['parity']['max_abs']:.2e}"
         elif name.startswith("runtime"):
+            t = info["timings_ms_median"]
             note = (f"{info['per_image_s']} s/image (scoring {info['scoring_size']} px, diffusion "
-                    f"{info['diffusion_size']} px); inspect rc {info['inspect_cli_rc']}")
+                    f"{info['diffusion_size']} px): VAE encode {t.get('vae_encode', 0):.0f} ms, UNet step "
+                    f"{t.get('unet_step_0', 0):.0f} ms, VAE decode {t.get('vae_decode', 0):.0f} ms; "
+                    f"`o2n-edge inspect` rc {info['inspect_cli_rc']}")
             if "max_abs_vs_fp32" in info:
-                note += f"; max |fp16 - fp32| score {info['max_abs_vs_fp32']:.3g}"
-        elif name == "taesd":
-            note = "; ".join(f"{k} {v['median_ms']:.0f} ms" for k, v in info["latency"].items())
+                note += f"; max |score - fp32 bundle's| {info['max_abs_vs_fp32']:.3g}"
         elif name == "merge_lcm_lora":
             note = f"{info['method']} ({info['lcm_lora']}, rank {info['lcm_lora_rank']}, kohya-style keys)"
         elif name == "personalize":
@@ -85,7 +88,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, default=ROOT / ".bench_cache" / "sd15_dry_run")
     p.add_argument("--data", type=Path, default=ROOT / ".." / "shared" / "data" / "hazelnut_toy")
-    p.add_argument("--size", type=int, default=256, help="diffusion image size (pixels)")
+    p.add_argument("--size", type=int, default=256, help="diffusion image size (pixels); scoring is at 240")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--stages", default=",".join(STAGES))
     p.add_argument("--redo", action="store_true", help="rerun stages that already finished")

@@ -34,15 +34,17 @@ CLIP_NAME = "ViT-B-16-plus-240"
 CLIP_TAG = "laion400m_e32"
 CATEGORY = "hazelnut"
 SHOTS = 2
-TRAIN_IMAGES = 6  # 2 shots + 4 held-out good images for the threshold and the parity check
+TRAIN_IMAGES = 5  # 2 shots + 3 held-out good images for the threshold and the parity check
 PERSONALIZE_STEPS = 2
+AUG_PER_SHOT = 4  # augmented views per shot in personalization's latent bank (the profile's: 32)
 LORA_RANK = 8
 LCM_RANK = 64  # the published LCM-LoRA's rank
 POOL_SIZE = 2
 RUNTIME_IMAGES = 3
 TAESD_REPEATS = 3
-STAGES = ("seed_hub", "personalize", "merge_lcm_lora", "export_fp32", "export_fp16", "runtime_fp32",
-          "runtime_fp16", "taesd")
+STAGES = ("seed_hub", "personalize", "merge_lcm_lora", "export_fp32", "export_fp16", "export_taesd",
+          "runtime_fp32", "runtime_fp16", "runtime_taesd")
+BUNDLES = {"fp32": ("fp32", None), "fp16": ("fp16", None), "taesd": ("fp32", TAESD_ID)}
 # SD-1.5's published architectures (diffusers configs of stable-diffusion-v1-5).
 SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
@@ -166,8 +168,11 @@ def stage_personalize(work: Path, opts: dict) -> dict:
     from dataclasses import replace
 
     from o2n_edge.data import load_dataset, load_image, sample_shots
+    from o2n_edge.diffusion import personalize as personalize_mod
     from o2n_edge.diffusion.personalize import personalize
     from o2n_edge.profiles import get_profile
+
+    personalize_mod.AUG_PER_SHOT["sd15"] = AUG_PER_SHOT  # a dry run: a few views, not the profile's 32
 
     spec = replace(get_profile("sd15").diffusion, image_size=opts["size"], base_model=SD15_ID)
     ds = load_dataset(work / "data", "mvtec", CATEGORY)
@@ -175,6 +180,7 @@ def stage_personalize(work: Path, opts: dict) -> dict:
     run = work / "run"
     personalize(shots, CATEGORY, spec, run, steps=PERSONALIZE_STEPS, seed=0, progress=True, lora_rank=LORA_RANK)
     return {"steps": PERSONALIZE_STEPS, "lora_rank": LORA_RANK, "diffusion_size": spec.image_size,
+            "aug_per_shot": AUG_PER_SHOT,
             "output_bytes": _tree_bytes(run)}
 
 
@@ -188,16 +194,20 @@ def stage_merge_lcm_lora(work: Path, opts: dict) -> dict:
             "output_bytes": _tree_bytes(run / "student")}
 
 
-def _export(work: Path, precision: str) -> dict:
+def _export(work: Path, name: str) -> dict:
     from o2n_edge.export.build import ExportOptions, export_bundle
 
-    out = work / "bundles" / precision
+    precision, vae = BUNDLES[name]
+    out = work / "bundles" / name
+    shutil.rmtree(out, ignore_errors=True)
+    # one work dir per precision: the TAESD bundle reuses the fp32 UNet and encoder graphs
     summary = export_bundle(ExportOptions(
         category=CATEGORY, out=out, profile="sd15", data=work / "data", shots=SHOTS, run_dir=work / "run",
-        precision=precision, pool_size=POOL_SIZE, work_dir=work / f"export_{precision}", force=True,
-        base_model=SD15_ID, encoder_checkpoint=CLIP_TAG, lcm_lora=LCM_ID))
+        precision=precision, pool_size=POOL_SIZE, work_dir=work / f"export_{precision}",
+        base_model=SD15_ID, encoder_checkpoint=CLIP_TAG, lcm_lora=LCM_ID, vae=vae))
     files = {f.name: f.stat().st_size for f in sorted(out.iterdir()) if f.is_file()}
-    return {"bundle": str(out), "wall_s_by_step": summary.wall_s, "parity": summary.parity, "files": files,
+    return {"bundle": str(out), "precision": precision, "vae": summary.manifest.get("diffusion", {}).get("vae"),
+            "wall_s_by_step": summary.wall_s, "parity": summary.parity, "files": files,
             "external_data": {k: v.get("external_data", False) for k, v in summary.manifest["models"].items()},
             "student": summary.manifest.get("diffusion", {}).get("student"), "output_bytes": summary.bytes}
 
@@ -210,13 +220,17 @@ def stage_export_fp16(work: Path, opts: dict) -> dict:
     return _export(work, "fp16")
 
 
-def _runtime(work: Path, precision: str, threads: int) -> dict:
+def stage_export_taesd(work: Path, opts: dict) -> dict:
+    return _export(work, "taesd")
+
+
+def _runtime(work: Path, name: str, threads: int) -> dict:
     import numpy as np
 
     from o2n_edge.data import load_dataset, load_image
     from o2n_edge.runtime.pipeline import OrtPipeline, SessionOptions
 
-    bundle = work / "bundles" / precision
+    bundle = work / "bundles" / name
     cli = subprocess.run([str(Path(sys.executable).parent / "o2n-edge"), "inspect", str(bundle)], capture_output=True,
                          text=True, check=False)
     t = time.perf_counter()
@@ -232,12 +246,14 @@ def _runtime(work: Path, precision: str, threads: int) -> dict:
     scores = [float(r.score) for r in results]
     out: dict[str, Any] = {"inspect_cli_rc": cli.returncode, "inspect_cli_head": cli.stdout.splitlines()[:6],
                            "load_s": round(load_s, 2), "images": [x.path.name for x in ds.test[:RUNTIME_IMAGES]],
+                           "images_paths": [str(x.path.relative_to(work / "data")) for x in ds.test[:RUNTIME_IMAGES]],
                            "scores": scores, "finite": bool(np.isfinite(scores).all()),
                            "per_image_s": [round(w, 2) for w in walls],
-                           "timings_ms_last": {k: round(v, 1) for k, v in results[-1].timings_ms.items()},
+                           "timings_ms_median": {k: round(float(np.median([r.timings_ms[k] for r in results])), 1)
+                                                 for k in results[0].timings_ms},
                            "scoring_size": pipe.image_size, "diffusion_size": pipe.diffusion_size,
                            "threads": threads, "providers": pipe.providers, "output_bytes": 0}
-    if precision == "fp16" and (work / "stages" / "runtime_fp32.json").is_file():
+    if name != "fp32" and (work / "stages" / "runtime_fp32.json").is_file():
         ref = json.loads((work / "stages" / "runtime_fp32.json").read_text())["info"]["scores"]
         out["max_abs_vs_fp32"] = float(np.max(np.abs(np.array(scores) - np.array(ref))))
     return out
@@ -251,11 +267,8 @@ def stage_runtime_fp16(work: Path, opts: dict) -> dict:
     return _runtime(work, "fp16", opts["threads"])
 
 
-def stage_taesd(work: Path, opts: dict) -> dict:
-    """Latency of TAESD vs the full SD VAE, both exported to ONNX and run on ORT's CPU provider."""
-    from o2n_edge.bench.vae_latency import vae_latency
-
-    return vae_latency(work, SD15_ID, TAESD_ID, opts["size"], opts["threads"], TAESD_REPEATS)
+def stage_runtime_taesd(work: Path, opts: dict) -> dict:
+    return _runtime(work, "taesd", opts["threads"])
 
 
 def run_stage(name: str, work: Path, opts: dict) -> None:
