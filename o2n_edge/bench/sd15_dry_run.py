@@ -208,7 +208,7 @@ def _export(work: Path, name: str) -> dict:
     files = {f.name: f.stat().st_size for f in sorted(out.iterdir()) if f.is_file()}
     return {"bundle": str(out), "precision": precision, "vae": summary.manifest.get("diffusion", {}).get("vae"),
             "wall_s_by_step": summary.wall_s, "parity": summary.parity, "files": files,
-            "external_data": {k: v.get("external_data", False) for k, v in summary.manifest["models"].items()},
+            "external_data": {k: (out / f"{k}.onnx.data").is_file() for k in summary.manifest["models"]},
             "student": summary.manifest.get("diffusion", {}).get("student"), "output_bytes": summary.bytes}
 
 
