@@ -42,9 +42,13 @@ LCM_RANK = 64  # the published LCM-LoRA's rank
 POOL_SIZE = 2
 RUNTIME_IMAGES = 3
 TAESD_REPEATS = 3
-STAGES = ("seed_hub", "personalize", "merge_lcm_lora", "export_fp32", "export_fp16", "export_taesd",
-          "runtime_fp32", "runtime_fp16", "runtime_taesd")
-BUNDLES = {"fp32": ("fp32", None), "fp16": ("fp16", None), "taesd": ("fp32", TAESD_ID)}
+STAGES = ("seed_hub", "personalize", "merge_lcm_lora", "export_fp32", "runtime_fp32", "export_fp16", "runtime_fp16",
+          "taesd_latency", "export_taesd", "runtime_taesd")
+# the whole-bundle TAESD export repeats pool, reference and calibration (~20 min on a shared CPU):
+# optional; taesd_latency exports TAESD's two graphs and times them next to the full VAE's
+DEFAULT_STAGES = STAGES[:-2]
+# name -> (precision, VAE, generated pool size); the TAESD bundle is for the VAE's latency: no pool
+BUNDLES = {"fp32": ("fp32", None, POOL_SIZE), "fp16": ("fp16", None, POOL_SIZE), "taesd": ("fp32", TAESD_ID, 0)}
 # SD-1.5's published architectures (diffusers configs of stable-diffusion-v1-5).
 SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
@@ -197,13 +201,13 @@ def stage_merge_lcm_lora(work: Path, opts: dict) -> dict:
 def _export(work: Path, name: str) -> dict:
     from o2n_edge.export.build import ExportOptions, export_bundle
 
-    precision, vae = BUNDLES[name]
+    precision, vae, pool = BUNDLES[name]
     out = work / "bundles" / name
     shutil.rmtree(out, ignore_errors=True)
     # one work dir per precision: the TAESD bundle reuses the fp32 UNet and encoder graphs
     summary = export_bundle(ExportOptions(
         category=CATEGORY, out=out, profile="sd15", data=work / "data", shots=SHOTS, run_dir=work / "run",
-        precision=precision, pool_size=POOL_SIZE, work_dir=work / f"export_{precision}",
+        precision=precision, pool_size=pool, work_dir=work / f"export_{precision}",
         base_model=SD15_ID, encoder_checkpoint=CLIP_TAG, lcm_lora=LCM_ID, vae=vae))
     files = {f.name: f.stat().st_size for f in sorted(out.iterdir()) if f.is_file()}
     return {"bundle": str(out), "precision": precision, "vae": summary.manifest.get("diffusion", {}).get("vae"),
@@ -269,6 +273,55 @@ def stage_runtime_fp16(work: Path, opts: dict) -> dict:
 
 def stage_runtime_taesd(work: Path, opts: dict) -> dict:
     return _runtime(work, "taesd", opts["threads"])
+
+
+def _ort_median_ms(path: Path, feed: dict, threads: int, repeats: int) -> float:
+    import numpy as np
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    sess.run(None, feed)  # warm-up
+    walls = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        sess.run(None, feed)
+        walls.append((time.perf_counter() - t) * 1000)
+    return float(np.median(walls))
+
+
+def stage_taesd_latency(work: Path, opts: dict) -> dict:
+    """TAESD (from its hub id, exported by the project's specs) next to the fp32 bundle's full-VAE graphs."""
+    import numpy as np
+
+    from o2n_edge.diffusion.taesd import load_taesd
+    from o2n_edge.export.onnx_export import export_onnx
+    from o2n_edge.export.specs import vae_decoder_spec, vae_encoder_spec
+
+    size, threads = opts["size"], opts["threads"]
+    vae = load_taesd(TAESD_ID)
+    lat = size // 2 ** (len(vae.config.block_out_channels) - 1)
+    out = work / "taesd_graphs"
+    full = work / "bundles" / "fp32"
+    rng = np.random.default_rng(0)
+    pixels = {"pixels": (rng.random((1, 3, size, size), dtype=np.float32) * 2 - 1)}
+    latent = {"latent": rng.standard_normal((1, 4, lat, lat), dtype=np.float32)}
+    graphs = {}
+    for half, spec in (("encoder", vae_encoder_spec(vae, size, name="taesd_encoder")),
+                       ("decoder", vae_decoder_spec(vae, lat, name="taesd_decoder"))):
+        rep = export_onnx(spec.wrap(vae).float(), spec, out / f"taesd_{half}.onnx", "fp32")
+        graphs[f"taesd_{half}"] = (out / f"taesd_{half}.onnx", rep.bytes)
+    for half in ("encoder", "decoder"):
+        f = full / f"vae_{half}.onnx"
+        graphs[f"full_{half}"] = (f, _tree_bytes(f) + (_tree_bytes(f.with_name(f.name + ".data"))
+                                                       if f.with_name(f.name + ".data").is_file() else 0))
+    latency = {}
+    for name, (path, nbytes) in graphs.items():
+        feed = pixels if name.endswith("encoder") else latent
+        latency[name] = {"median_ms": round(_ort_median_ms(path, feed, threads, TAESD_REPEATS), 1), "bytes": int(nbytes)}
+    return {"latency": latency, "size": size, "repeats": TAESD_REPEATS, "threads": threads,
+            "params": {"taesd": int(sum(p.numel() for p in vae.parameters()))}, "output_bytes": _tree_bytes(out)}
 
 
 def run_stage(name: str, work: Path, opts: dict) -> None:
