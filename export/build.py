@@ -114,7 +114,8 @@ def export_bundle(opts: ExportOptions) -> ExportSummary:
     size = encoder.image_size
     shot_imgs = [load_image(p, size) for p in shot_paths]
 
-    needs_diffusion = "personalized" in branches or ("pool" in branches and (opts.pool_size or profile.diffusion.pool_size) > 0)
+    n_pool = profile.diffusion.pool_size if opts.pool_size is None else opts.pool_size  # 0 = shots only
+    needs_diffusion = "personalized" in branches or ("pool" in branches and n_pool > 0)
     run = None
     pool_imgs = None
     if needs_diffusion:
@@ -129,7 +130,6 @@ def export_bundle(opts: ExportOptions) -> ExportSummary:
                                     opts.personalize_steps, opts.distill_steps))
         run = load_run(run_dir, device="cpu")
         walls["load_run"] = round(time.perf_counter() - t, 2)
-        n_pool = profile.diffusion.pool_size if opts.pool_size is None else opts.pool_size
         if "pool" in branches and n_pool > 0:
             t = time.perf_counter()
             _say(opts.progress, f"generating an anomaly-free pool of {n_pool} images")
