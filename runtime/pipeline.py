@@ -55,8 +55,12 @@ class SessionOptions:
     bank_search: str = "onnxruntime"  # onnxruntime (the backend's provider) | numpy
 
 
-def _make_session(path: Path, opts: SessionOptions, disabled_optimizers: Sequence[str] = ()):
-    import onnxruntime as ort
+def _make_session(path: Path, opts: SessionOptions, disabled_optimizers: Sequence[str] = (),
+                  model_options: dict[str, dict] | None = None):
+    """An ORT session on ``opts.backend``'s providers; ``model_options`` (per provider) override ``opts``'s."""
+    from o2n_edge._lazy import require
+
+    ort = require("onnxruntime", "running a bundle")
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = opts.intra_op_threads
@@ -69,7 +73,8 @@ def _make_session(path: Path, opts: SessionOptions, disabled_optimizers: Sequenc
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[opts.graph_optimization]
     providers = resolve_providers(opts.backend)
-    provider_args = [(p, opts.provider_options.get(p, {})) for p in providers]
+    merged = {**opts.provider_options, **(model_options or {})}
+    provider_args = [(p, merged.get(p, {})) for p in providers]
     kwargs = {"disabled_optimizers": list(disabled_optimizers)} if disabled_optimizers else {}
     return ort.InferenceSession(str(path), sess_options=so, providers=provider_args, **kwargs)
 
@@ -84,8 +89,11 @@ def resolve_providers(backend: str) -> list[str]:
     wanted = BACKENDS[backend]
     chosen = [p for p in wanted if p in available]
     if wanted[0] not in available:
-        log.warning("backend %r needs %s, which this onnxruntime build does not have (%s); falling back to %s",
-                    backend, wanted[0], ", ".join(sorted(available)), chosen[0])
+        from o2n_edge.runtime.providers import install_problems
+
+        fixes = "; ".join(p.line() for p in install_problems(sorted(available))) if backend != "cpu" else ""
+        log.warning("backend %r needs %s, which this onnxruntime build does not have (%s); falling back to %s%s",
+                    backend, wanted[0], ", ".join(sorted(available)), chosen[0], f". Fix: {fixes}" if fixes else "")
     return chosen
 
 
@@ -160,7 +168,16 @@ class OrtPipeline:
             native = native_session(self.bundle, name)
             if native is not None:
                 return native
-        return _make_session(self.bundle.model_path(name), self.options, self.bundle.ort_disabled_optimizers(name))
+        model_options = None
+        if self.options.backend == "tensorrt":
+            from o2n_edge.runtime.providers import tensorrt_session_options
+
+            # engine + timing caches beside the bundle's engines, its shape profile, its precision
+            trt = tensorrt_session_options(self.bundle.path, self.manifest, name)
+            model_options = {"TensorrtExecutionProvider": {**trt, **self.options.provider_options.get(
+                "TensorrtExecutionProvider", {})}}
+        return _make_session(self.bundle.model_path(name), self.options, self.bundle.ort_disabled_optimizers(name),
+                             model_options)
 
     # ------------------------------------------------------------------ stages
 

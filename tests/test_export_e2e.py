@@ -168,9 +168,11 @@ def test_export_sd15_classes_at_tiny_size(shared_data: Path, tmp_path: Path, mon
     monkeypatch.setitem(profiles.PROFILES, "sd15", small)
     summary = export_bundle(ExportOptions(
         category="hazelnut", out=tmp_path / "bundle", profile="sd15", data=shared_data / "hazelnut_toy",
-        shots=1, runs_dir=tmp_path / "runs", personalize_steps=2, distill_steps=1, base_model=ckpt, progress=False))
+        shots=1, runs_dir=tmp_path / "runs", personalize_steps=2, distill_steps=1, base_model=ckpt, progress=False,
+        lcm_lora=""))  # "" = distil by LCD (the LCM-LoRA merge is tested from hub ids in test_hub.py)
     m = summary.manifest
     assert m["profile"] == "sd15" and m["prompt"] == "a photo of sks hazelnut"
+    assert m["diffusion"]["student"]["method"] == "lcd"
     assert set(m["models"]) == {"image_encoder", "vae_encoder", "vae_decoder", "unet"}
     assert m["models"]["unet"]["inputs"]["encoder_hidden_states"]["shape"][1:] == list(
         np.load(summary.bundle / "prompt_embeds.npy").shape[1:])

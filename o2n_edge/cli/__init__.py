@@ -10,6 +10,7 @@ from o2n_edge.cli import bundle_cmds  # noqa: F401  (export, build-engines, insp
 from o2n_edge.cli import runtime_cmds  # noqa: F401  (infer, serve, results)
 from o2n_edge.cli import triton_cmd  # noqa: F401  (triton)
 from o2n_edge.cli import bench_cmd  # noqa: F401  (bench)
+from o2n_edge.cli import doctor_cmd  # noqa: F401  (doctor)
 
 __all__ = ["app", "main"]
 
