@@ -86,6 +86,7 @@ class RepositorySummary:
     path: Path
     bundle_hash: str
     models: dict[str, str] = field(default_factory=dict)  # model name -> backend/platform
+    configs: dict[str, dict[str, Any]] = field(default_factory=dict)  # model name -> config (as rendered)
     max_batch: int = 0
     checked: bool = False  # every config parsed by Triton's ModelConfig protobuf
     linked: bool = True  # bundle files hard-linked (False: copied)
@@ -200,6 +201,7 @@ class _Writer:
         (self.root / model / "config.pbtxt").write_text(text, encoding="utf-8")
         self.texts[model] = text
         self.summary.models[model] = backend
+        self.summary.configs[model] = config
 
     def graph(self, graph: str, max_batch: int) -> None:
         entry = self.manifest["models"][graph]
