@@ -100,6 +100,8 @@ def resolve_providers(backend: str) -> list[str]:
 class OrtPipeline:
     """Implements :class:`o2n_edge.runtime.types.Inspector` on ONNX Runtime."""
 
+    session_factory: Callable[[str], Any] | None = None  # see __init__
+
     def __init__(
         self,
         bundle: Bundle | str | Path,

@@ -250,3 +250,40 @@ def test_triton_side_never_imports_torch() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_gpu_instance_runs_on_its_own_gpu() -> None:
+    opts = pm._session_options({"o2n_backend": "cuda", "o2n_threads": "2"},
+                               {"model_instance_kind": "GPU", "model_instance_device_id": "1"})
+    assert opts.backend == "cuda" and opts.intra_op_threads == 2
+    assert opts.provider_options["CUDAExecutionProvider"] == {"device_id": 1}
+    assert pm._session_options({}, {"model_instance_kind": "CPU"}).provider_options == {}
+
+
+@needs_protobuf
+def test_tensorrt_plans_become_tensorrt_plan_models(tiny_bundle, tmp_path: Path, monkeypatch) -> None:
+    """Where the bundle holds a plan valid on this machine (stand-in here: no GPU), it is served as is."""
+    from types import SimpleNamespace
+
+    import o2n_edge.runtime.engine_cache as engine_cache
+
+    engines = tmp_path / "engines"
+    engines.mkdir()
+    plan = engines / "unet-stand-in.plan"
+    plan.write_bytes(b"not a real plan")
+    key = SimpleNamespace(profiles=({"sample": {"min": [1, 4, 8, 8], "opt": [1, 4, 8, 8], "max": [2, 4, 8, 8]}},))
+
+    def fake_find_plans(cache_dir, name, onnx_path):
+        return [(plan, key)] if name == "unet" else []
+
+    monkeypatch.setattr(engine_cache, "find_plans", fake_find_plans)
+    monkeypatch.setattr("o2n_edge.runtime.bundle.Bundle.engines_dir", property(lambda self: engines))
+    with pytest.raises(ValueError, match="batch <= 2"):
+        write_repository(tiny_bundle.bundle, tmp_path / "out" / "r1", RepositoryOptions(max_batch=4))
+    s = write_repository(tiny_bundle.bundle, tmp_path / "out" / "r2", RepositoryOptions(max_batch=2))
+    msg = parsed(s.path, "o2n_unet")
+    assert msg.platform == "tensorrt_plan" and s.models["o2n_unet"] == "tensorrt_plan"
+    assert (s.path / "o2n_unet/1/model.plan").read_bytes() == b"not a real plan"
+    assert parsed(s.path, "o2n_vae_decoder").backend == "onnxruntime"
+    s = write_repository(tiny_bundle.bundle, tmp_path / "out" / "r3", RepositoryOptions(max_batch=4, engines=False))
+    assert s.models["o2n_unet"] == "onnxruntime"

@@ -35,6 +35,7 @@ START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
 MIN_GLIBC = (2, 35)
 INSTALL_HINT = "pip install 'o2n-edge[triton]'"
+SITE_ENV = "O2N_TRITON_SITE_DIRS"  # read by the models' model.py (see python_models.MODEL_PY)
 
 
 def _pytriton_root() -> Path | None:
@@ -77,6 +78,13 @@ def unavailable() -> str | None:
     for module in ("tritonclient.http", "tritonclient.grpc"):
         if importlib.util.find_spec(module.split(".")[0]) is None:
             return f"tritonclient is not installed ({INSTALL_HINT})"
+    if not os.environ.get(SITE_ENV):
+        import numpy
+
+        if int(numpy.__version__.split(".")[0]) >= 2:  # measured: the stub dies at the first request
+            return (f"the wheel's Python-backend stub needs numpy < 2 in the models' Python, this "
+                    f"environment has numpy {numpy.__version__} ({INSTALL_HINT} installs a matching "
+                    f"one; or point {SITE_ENV} at a site-packages folder with numpy < 2)")
     return None
 
 
@@ -87,8 +95,10 @@ def free_port() -> int:
 
 
 def site_dirs() -> list[str]:
-    """Where this interpreter finds its packages (editable o2n-edge included, via .pth files)."""
-    dirs = [*site.getsitepackages(), site.getusersitepackages()]
+    """Where the models find their packages: $O2N_TRITON_SITE_DIRS first, then this interpreter's
+    site-packages (editable o2n-edge included, via their .pth files)."""
+    given = [d for d in os.environ.get(SITE_ENV, "").split(os.pathsep) if d]
+    dirs = [*given, *site.getsitepackages(), site.getusersitepackages()]
     return [d for d in dirs if Path(d).is_dir()]
 
 
@@ -128,7 +138,7 @@ class LocalTriton:
         libs = _pytriton_root().parent / "nvidia_pytriton.libs"  # type: ignore[union-attr]
         env = dict(os.environ)
         env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (env.get("LD_LIBRARY_PATH"), str(libs)) if p)
-        env["O2N_TRITON_SITE_DIRS"] = os.pathsep.join(site_dirs())
+        env[SITE_ENV] = os.pathsep.join(site_dirs())
         args = [
             str(dist / "bin" / "tritonserver"),
             f"--model-repository={self.repository}",

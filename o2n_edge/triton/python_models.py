@@ -98,7 +98,6 @@ class _InspectBase:
         Every image of every request Triton batched together goes through one
         ``inspect_batch`` call, so dynamic batching batches the graphs too.
         """
-        pb = self.pb
         payloads: list[Payload] = []
         owners: list[tuple[int, int]] = []  # (start, end) in payloads, per request
         errors: dict[int, str] = {}
@@ -174,13 +173,17 @@ class _InspectBase:
         self.pipeline = None
 
 
-def _session_options(params: dict[str, str], bank_search: str | None = None) -> Any:
+def _session_options(params: dict[str, str], args: dict[str, Any], bank_search: str | None = None) -> Any:
+    """ONNX Runtime options from the config's parameters; a GPU instance runs on its own GPU."""
     from o2n_edge.runtime.pipeline import SessionOptions
 
     opts = SessionOptions(
         backend=params.get(PARAM_BACKEND) or "cpu",
         intra_op_threads=int(params.get(PARAM_THREADS) or 0),
     )
+    if str(args.get("model_instance_kind", "")).upper() == "GPU":
+        device = {"device_id": int(args.get("model_instance_device_id", 0))}
+        opts.provider_options = {"CUDAExecutionProvider": device, "TensorrtExecutionProvider": dict(device)}
     if bank_search:
         opts.bank_search = bank_search
     return opts
@@ -193,7 +196,7 @@ class InspectModel(_InspectBase):
         from o2n_edge.runtime.pipeline import OrtPipeline
 
         params = model_parameters(args)
-        self.pipeline = OrtPipeline(version_dir(args) / BUNDLE_DIR, _session_options(params))
+        self.pipeline = OrtPipeline(version_dir(args) / BUNDLE_DIR, _session_options(params, args))
         self.bundle_hash = self.pipeline.bundle_hash
         log.info("o2n inspect model loaded bundle %s", self.bundle_hash)
 
@@ -257,7 +260,7 @@ class PipelineModel(_InspectBase):
             return TritonGraphSession(self.pb, graph_models[name], outputs[name], ranks)
 
         self.pipeline = OrtPipeline(
-            bundle, _session_options(params, bank_search="numpy"), session_factory=session
+            bundle, _session_options(params, args, bank_search="numpy"), session_factory=session
         )
         self.bundle_hash = self.pipeline.bundle_hash
 
@@ -280,7 +283,7 @@ class GraphModel:
 
         params = model_parameters(args)
         path = version_dir(args) / params[PARAM_GRAPH_FILE]
-        self.session = _make_session(path, _session_options(params))
+        self.session = _make_session(path, _session_options(params, args))
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.ranks = {i.name: len(i.shape) for i in self.session.get_inputs()}
         self.outputs = [o.name for o in self.session.get_outputs()]
