@@ -118,8 +118,9 @@ def export_bundle(opts: ExportOptions) -> ExportSummary:
     size = encoder.image_size
     shot_imgs = [load_image(p, size) for p in shot_paths]
 
-    n_pool = profile.diffusion.pool_size if opts.pool_size is None else opts.pool_size  # 0 = shots only
-    needs_diffusion = "personalized" in branches or ("pool" in branches and n_pool > 0)
+    # --pool-size 0 is the shots-only bank: no diffusion model needed (0 must not fall back to the default)
+    n_pool_wanted = profile.diffusion.pool_size if opts.pool_size is None else opts.pool_size
+    needs_diffusion = "personalized" in branches or ("pool" in branches and n_pool_wanted > 0)
     run = None
     pool_imgs = None
     if needs_diffusion:
@@ -145,6 +146,7 @@ def export_bundle(opts: ExportOptions) -> ExportSummary:
             # at SD-1.5 size; the prompt's hidden states are already in the run)
             run.models.unet, run.models.text_encoder = run.student, None
         walls["load_run"] = round(time.perf_counter() - t, 2)
+        n_pool = profile.diffusion.pool_size if opts.pool_size is None else opts.pool_size
         if "pool" in branches and n_pool > 0:
             t = time.perf_counter()
             _say(opts.progress, f"generating an anomaly-free pool of {n_pool} images")
