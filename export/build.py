@@ -118,7 +118,9 @@ def export_bundle(opts: ExportOptions) -> ExportSummary:
     size = encoder.image_size
     shot_imgs = [load_image(p, size) for p in shot_paths]
 
-    needs_diffusion = "personalized" in branches or ("pool" in branches and (opts.pool_size or profile.diffusion.pool_size) > 0)
+    # --pool-size 0 is the shots-only bank: no diffusion model needed (0 must not fall back to the default)
+    n_pool_wanted = profile.diffusion.pool_size if opts.pool_size is None else opts.pool_size
+    needs_diffusion = "personalized" in branches or ("pool" in branches and n_pool_wanted > 0)
     run = None
     pool_imgs = None
     if needs_diffusion:

