@@ -64,6 +64,9 @@ def _table(doc: dict) -> str:
                 note += f"; max |score - fp32 bundle's| {info['max_abs_vs_fp32']:.3g}"
         elif name == "taesd_latency":
             note = "; ".join(f"{k} {v['median_ms']:.0f} ms ({v['bytes'] / 1e6:.0f} MB)" for k, v in info["latency"].items())
+        elif name == "lcm_lora_keys":
+            note = (f"{info['converted_unet_modules']} of {info['file_modules']} modules of the kohya-style file "
+                    f"({info['file_bytes'] / 1e6:.0f} MB, rank {info['rank']}) mapped onto the UNet by diffusers")
         elif name == "merge_lcm_lora":
             note = f"{info['method']} ({info['lcm_lora']}, rank {info['lcm_lora_rank']}, kohya-style keys)"
         elif name == "personalize":
