@@ -29,7 +29,7 @@ def _table(doc: dict) -> str:
     lines = [
         "# sd15 dry run at real size (CPU, seeded random weights, offline hub cache)",
         "",
-        f"Command: `{doc['command']}`. Diffusion size {doc['size']} px, scoring size 240 px (ViT-B-16-plus-240), "
+        "Commands (in this order, one work folder): " + ", ".join(f"`{c}`" for c in doc["commands"]) + ". Diffusion size {doc['size']} px, scoring size 240 px (ViT-B-16-plus-240), "
         f"{doc['threads']} thread(s); machine: {doc['machine']['cpu']} ({doc['machine']['cores']} usable cores, "
         f"shared with other work: load average at start {doc['machine']['load_average_start']}). "
         "Random weights: scores are meaningless, "
@@ -123,7 +123,9 @@ def collect(work: Path, command: str, size: int, threads: int) -> dict:
             stages[name] = json.loads(f.read_text())
         elif err.is_file():
             stages[name] = json.loads(err.read_text())
-    return {"command": command, "size": size, "threads": threads, "machine": machine_stamp(threads), "stages": stages}
+    log = work / "commands.txt"
+    commands = log.read_text().splitlines() if log.is_file() else [command]
+    return {"command": command, "commands": commands, "size": size, "threads": threads, "machine": machine_stamp(threads), "stages": stages}
 
 
 def main() -> None:
@@ -142,8 +144,10 @@ def main() -> None:
     if a.stage:
         run_stage(a.stage, work, opts)
         return
-    command = "python -m benchmarks.sd15_dry_run " + " ".join(sys.argv[1:])
+    command = " ".join(["python -m benchmarks.sd15_dry_run", *sys.argv[1:]])
     (work / "logs").mkdir(parents=True, exist_ok=True)
+    with open(work / "commands.txt", "a") as log:
+        log.write(command + "\n")
     for name in [s.strip() for s in a.stages.split(",") if s.strip()]:
         if name not in STAGES:
             sys.exit(f"unknown stage {name!r}: choose from {', '.join(STAGES)}")
