@@ -70,7 +70,8 @@ def _table(doc: dict) -> str:
         elif name == "merge_lcm_lora":
             note = f"{info['method']} ({info['lcm_lora']}, rank {info['lcm_lora_rank']}, kohya-style keys)"
         elif name == "personalize":
-            note = f"{info['steps']} LoRA steps, rank {info['lora_rank']}"
+            note = (f"{info['steps']} LoRA steps, rank {info['lora_rank']}, "
+                    f"{info.get('aug_per_shot', '?')} augmented views per shot (the profile: 32)")
         lines.append(f"| {name} | {s['wall_s']:.1f} | {s['peak_rss_bytes'] / GIB:.2f} | "
                      f"{s['output_bytes'] / 1e6:.0f} MB | {note} |")
     lines += _vae_table(doc) + _taesd_table(doc)
@@ -136,6 +137,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--stages", default=",".join(DEFAULT_STAGES), help=f"comma list from {', '.join(STAGES)}")
     p.add_argument("--redo", action="store_true", help="rerun stages that already finished")
+    p.add_argument("--report", action="store_true", help="only rewrite the results from the finished stages")
     p.add_argument("--stage", help=argparse.SUPPRESS)  # internal: run one stage in this process
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args()
@@ -146,9 +148,10 @@ def main() -> None:
         return
     command = " ".join(["python -m benchmarks.sd15_dry_run", *sys.argv[1:]])
     (work / "logs").mkdir(parents=True, exist_ok=True)
-    with open(work / "commands.txt", "a") as log:
-        log.write(command + "\n")
-    for name in [s.strip() for s in a.stages.split(",") if s.strip()]:
+    if not a.report:
+        with open(work / "commands.txt", "a") as log:
+            log.write(command + "\n")
+    for name in [] if a.report else [s.strip() for s in a.stages.split(",") if s.strip()]:
         if name not in STAGES:
             sys.exit(f"unknown stage {name!r}: choose from {', '.join(STAGES)}")
         done = work / "stages" / f"{name}.json"
