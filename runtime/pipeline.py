@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -100,9 +101,20 @@ def resolve_providers(backend: str) -> list[str]:
 class OrtPipeline:
     """Implements :class:`o2n_edge.runtime.types.Inspector` on ONNX Runtime."""
 
-    def __init__(self, bundle: Bundle | str | Path, options: SessionOptions | None = None) -> None:
+    session_factory: Callable[[str], Any] | None = None  # see __init__
+
+    def __init__(
+        self,
+        bundle: Bundle | str | Path,
+        options: SessionOptions | None = None,
+        session_factory: Callable[[str], Any] | None = None,
+    ) -> None:
+        """``session_factory(name)``, when given, supplies each graph's session (anything with
+        onnxruntime's ``run(output_names, feeds)`` and ``get_providers()``): Triton's BLS model
+        passes one that calls the graph models, so the rest of this pipeline runs unchanged."""
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         self.options = options or SessionOptions()
+        self.session_factory = session_factory
         m = self.bundle.manifest
         self.manifest = m
         self.bundle_hash = str(m["manifest_sha256"])
@@ -152,6 +164,8 @@ class OrtPipeline:
         return OrtBankSearch(bank, lambda path: _make_session(path, replace(self.options, backend=backend)))
 
     def _session(self, name: str):
+        if self.session_factory is not None:
+            return self.session_factory(name)
         if self.options.backend == "trt-native":
             from o2n_edge.runtime.trt_session import native_session
 
