@@ -16,7 +16,7 @@ def tiled_bundle(shared_data: Path, tmp_path_factory: pytest.TempPathFactory):
     from o2n_edge.export.build import ExportOptions, export_bundle
 
     lite = profiles.PROFILES["lite"]
-    spec = replace(lite.encoder, image_size=128, tiles=2, tile_overlap=0.25, layers=(2, 3))
+    spec = replace(lite.encoder, image_size=96, tiles=2, tile_overlap=0.5, layers=(2, 3))
     patched = replace(lite, encoder=spec, stats_weight=1.0, jpeg_draft=True)
     mp = pytest.MonkeyPatch()
     mp.setitem(profiles.PROFILES, "lite", patched)
@@ -33,7 +33,7 @@ def test_tiled_stats_bundle_matches_reference(tiled_bundle, shared_data: Path) -
     from o2n_edge.runtime.pipeline import OrtPipeline
 
     m = tiled_bundle.manifest
-    assert m["image_size"] == 128 + 96 and m["encoder"]["tiling"] == {"tile": 128, "tiles": 2, "step": 96, "side": 224}
+    assert m["image_size"] == 96 + 64 and m["encoder"]["tiling"] == {"tile": 96, "tiles": 2, "step": 64, "side": 160}
     assert m["decode"] == {"jpeg_draft": True} and m["scoring"]["stats_weight"] == 1.0
     assert "global_stats" in m["scoring"]["norm"] and "stats_bank.npy" in m["files"]
     assert tiled_bundle.parity["max_abs"] < 1e-3  # export's own runtime-vs-torch check
@@ -41,7 +41,7 @@ def test_tiled_stats_bundle_matches_reference(tiled_bundle, shared_data: Path) -
     assert pipe.layout.count == 4 and pipe.jpeg_draft
     jpg = sorted((shared_data / "hazelnut_toy" / "hazelnut" / "test" / "colour").glob("*.jpg"))[0]
     img = pipe.decode(jpg.read_bytes(), jpg.name)
-    assert img.shape == (256, 256, 3)  # 512 px decoded at 1/2: still covers 224
+    assert img.shape == (256, 256, 3)  # 512 px decoded at 1/2 (1/4 = 128 would not cover 160)
     good = sorted((shared_data / "hazelnut_toy" / "hazelnut" / "test" / "good").glob("*.jpg"))[0]
     res = pipe.inspect_batch([img, pipe.decode(good.read_bytes())])
-    assert res[0].anomaly_map.shape == (224, 224) and res[0].score > res[1].score
+    assert res[0].anomaly_map.shape == (160, 160) and res[0].score > res[1].score
