@@ -51,8 +51,12 @@ class ExportOptions:
     work_dir: Path | None = None
     personalize_steps: int | None = None
     distill_steps: int | None = None
-    base_model: Path | None = None  # sd15: local diffusers checkpoint
-    encoder_checkpoint: Path | None = None  # sd15: local open_clip checkpoint
+    base_model: Path | str | None = None  # sd15: local diffusers checkpoint or hub id
+    encoder_checkpoint: Path | str | None = None  # sd15: local open_clip checkpoint, pretrained tag or hf-hub: id
+    # sd15 student: None = the profile's LCM-LoRA (merged with the personalization LoRA); "" = LCD
+    lcm_lora: str | None = None
+    lcm_lora_scale: float = 1.0
+    vae: str | None = None  # sd15: the transform's VAE; "taesd" dir/hub id = AutoencoderTiny
 
 
 @dataclass
@@ -129,7 +133,9 @@ def export_bundle(opts: ExportOptions) -> ExportSummary:
     draft = bool(profile.jpeg_draft)
     shot_imgs = [load_image(p, size, draft) for p in shot_paths]
 
-    needs_diffusion = "personalized" in branches or ("pool" in branches and (opts.pool_size or profile.diffusion.pool_size) > 0)
+    # --pool-size 0 is the shots-only bank: no diffusion model needed (0 must not fall back to the default)
+    n_pool_wanted = profile.diffusion.pool_size if opts.pool_size is None else opts.pool_size
+    needs_diffusion = "personalized" in branches or ("pool" in branches and n_pool_wanted > 0)
     run = None
     pool_imgs = None
     if needs_diffusion:
@@ -137,12 +143,23 @@ def export_bundle(opts: ExportOptions) -> ExportSummary:
         from o2n_edge.personalized_eval import ensure_run
 
         t = time.perf_counter()
-        run_dir = opts.run_dir or (opts.runs_dir / f"export-{ds.name}-{ds.category}-{profile.name}-k{opts.shots}-s{opts.seed}")
+        lcm = profile.diffusion.lcm_lora if opts.lcm_lora is None else opts.lcm_lora
+        student_tag = "" if profile.diffusion.kind != "sd15" else ("-lcm" if lcm else "-lcd")
+        run_dir = opts.run_dir or (opts.runs_dir / f"export-{ds.name}-{ds.category}-{profile.name}-k{opts.shots}-s{opts.seed}{student_tag}")
         if opts.run_dir is None:
+            if lcm:  # a missing LCM-LoRA is refused before minutes of personalization, not after
+                from o2n_edge.hub import resolve_lora
+
+                resolve_lora(lcm)
             _say(opts.progress, f"personalizing and distilling on {len(shot_paths)} shots -> {run_dir}")
             walls.update(ensure_run(shot_paths, ds.category, profile, run_dir, opts.seed, opts.progress,
-                                    opts.personalize_steps, opts.distill_steps))
+                                    opts.personalize_steps, opts.distill_steps,
+                                    lcm_lora=lcm or None, lcm_lora_scale=opts.lcm_lora_scale))
         run = load_run(run_dir, device="cpu")
+        if run.student is not None and run.spec.kind == "sd15":
+            # the export runs the student only: drop the teacher and the text encoder (3.4 + 0.5 GB
+            # at SD-1.5 size; the prompt's hidden states are already in the run)
+            run.models.unet, run.models.text_encoder = run.student, None
         walls["load_run"] = round(time.perf_counter() - t, 2)
         n_pool = profile.diffusion.pool_size if opts.pool_size is None else opts.pool_size
         if "pool" in branches and n_pool > 0:
@@ -238,7 +255,8 @@ def export_bundle(opts: ExportOptions) -> ExportSummary:
             "transform": {"strength": plan["strength"], "steps": plan["num_inference_steps"],
                           "steps_run": plan["steps_run"], "timesteps": [int(x) for x in plan["timesteps"]],
                           "strength_mode": "lcm", "seed": opts.seed},
-            "diffusion": {"kind": run.spec.kind, "latent_shape": lat, "distill": run.distill_info.get("distances", {})},
+            "diffusion": {"kind": run.spec.kind, "latent_shape": lat, "distill": run.distill_info.get("distances", {}),
+                          "student": student_record(run.distill_info)},
         })
         noise = transform_noise(tuple(lat), plan["steps_run"] - 1, opts.seed)
         noises = np.stack([noise["init"].numpy(), *[n.numpy() for n in noise["steps"]]]).astype(np.float32)
@@ -265,6 +283,12 @@ def export_bundle(opts: ExportOptions) -> ExportSummary:
     walls["total"] = round(time.perf_counter() - t_all, 2)
     size_bytes = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     return ExportSummary(bundle=out, manifest=final, wall_s=walls, parity=parity, bytes=size_bytes)
+
+
+def student_record(distill_info: dict) -> dict:
+    """How the few-step UNet was made (LCM-LoRA merge or distillation), for the manifest."""
+    keys = ("method", "steps", "lcm_lora", "lcm_lora_scale", "personal_lora_scale", "num_inference_steps")
+    return {k: distill_info[k] for k in keys if k in distill_info}
 
 
 def _export_graphs(encoder, run, branches, precision: str, work: Path, shot_imgs: list[np.ndarray],

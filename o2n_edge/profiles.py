@@ -51,7 +51,7 @@ class DiffusionSpec:
     distill_steps: int = 200  # default consistency-distillation budget
     pool_size: int = 8  # generated anomaly-free images added to the memory bank
     base_model: str = ""  # sd15: local diffusers checkpoint dir
-    lcm_lora: str = ""  # sd15: local LCM-LoRA path
+    lcm_lora: str = ""  # sd15: LCM-LoRA merged by default (local path or hub id; "" = distil by LCD)
     seed: int = 0
 
 
@@ -115,7 +115,7 @@ PROFILES: dict[str, Profile] = {
         encoder=EncoderSpec(kind="open_clip", image_size=240, model_name="ViT-B-16-plus-240"),
         diffusion=DiffusionSpec(
             kind="sd15", image_size=512, steps=4, strength=0.3, personalize_steps=800,
-            distill_steps=1000, pool_size=30,
+            distill_steps=1000, pool_size=30, lcm_lora="latent-consistency/lcm-lora-sdv1-5",
         ),
         has_text=True,
     ),

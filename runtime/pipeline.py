@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -56,8 +57,12 @@ class SessionOptions:
     bank_search: str = "onnxruntime"  # onnxruntime (the backend's provider) | numpy
 
 
-def _make_session(path: Path, opts: SessionOptions, disabled_optimizers: Sequence[str] = ()):
-    import onnxruntime as ort
+def _make_session(path: Path, opts: SessionOptions, disabled_optimizers: Sequence[str] = (),
+                  model_options: dict[str, dict] | None = None):
+    """An ORT session on ``opts.backend``'s providers; ``model_options`` (per provider) override ``opts``'s."""
+    from o2n_edge._lazy import require
+
+    ort = require("onnxruntime", "running a bundle")
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = opts.intra_op_threads
@@ -70,7 +75,8 @@ def _make_session(path: Path, opts: SessionOptions, disabled_optimizers: Sequenc
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[opts.graph_optimization]
     providers = resolve_providers(opts.backend)
-    provider_args = [(p, opts.provider_options.get(p, {})) for p in providers]
+    merged = {**opts.provider_options, **(model_options or {})}
+    provider_args = [(p, merged.get(p, {})) for p in providers]
     kwargs = {"disabled_optimizers": list(disabled_optimizers)} if disabled_optimizers else {}
     return ort.InferenceSession(str(path), sess_options=so, providers=provider_args, **kwargs)
 
@@ -85,17 +91,31 @@ def resolve_providers(backend: str) -> list[str]:
     wanted = BACKENDS[backend]
     chosen = [p for p in wanted if p in available]
     if wanted[0] not in available:
-        log.warning("backend %r needs %s, which this onnxruntime build does not have (%s); falling back to %s",
-                    backend, wanted[0], ", ".join(sorted(available)), chosen[0])
+        from o2n_edge.runtime.providers import install_problems
+
+        fixes = "; ".join(p.line() for p in install_problems(sorted(available))) if backend != "cpu" else ""
+        log.warning("backend %r needs %s, which this onnxruntime build does not have (%s); falling back to %s%s",
+                    backend, wanted[0], ", ".join(sorted(available)), chosen[0], f". Fix: {fixes}" if fixes else "")
     return chosen
 
 
 class OrtPipeline:
     """Implements :class:`o2n_edge.runtime.types.Inspector` on ONNX Runtime."""
 
-    def __init__(self, bundle: Bundle | str | Path, options: SessionOptions | None = None) -> None:
+    session_factory: Callable[[str], Any] | None = None  # see __init__
+
+    def __init__(
+        self,
+        bundle: Bundle | str | Path,
+        options: SessionOptions | None = None,
+        session_factory: Callable[[str], Any] | None = None,
+    ) -> None:
+        """``session_factory(name)``, when given, supplies each graph's session (anything with
+        onnxruntime's ``run(output_names, feeds)`` and ``get_providers()``): Triton's BLS model
+        passes one that calls the graph models, so the rest of this pipeline runs unchanged."""
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         self.options = options or SessionOptions()
+        self.session_factory = session_factory
         m = self.bundle.manifest
         self.manifest = m
         self.bundle_hash = str(m["manifest_sha256"])
@@ -150,13 +170,24 @@ class OrtPipeline:
         return OrtBankSearch(bank, lambda path: _make_session(path, replace(self.options, backend=backend)))
 
     def _session(self, name: str):
+        if self.session_factory is not None:
+            return self.session_factory(name)
         if self.options.backend == "trt-native":
             from o2n_edge.runtime.trt_session import native_session
 
             native = native_session(self.bundle, name)
             if native is not None:
                 return native
-        return _make_session(self.bundle.model_path(name), self.options, self.bundle.ort_disabled_optimizers(name))
+        model_options = None
+        if self.options.backend == "tensorrt":
+            from o2n_edge.runtime.providers import tensorrt_session_options
+
+            # engine + timing caches beside the bundle's engines, its shape profile, its precision
+            trt = tensorrt_session_options(self.bundle.path, self.manifest, name)
+            model_options = {"TensorrtExecutionProvider": {**trt, **self.options.provider_options.get(
+                "TensorrtExecutionProvider", {})}}
+        return _make_session(self.bundle.model_path(name), self.options, self.bundle.ort_disabled_optimizers(name),
+                             model_options)
 
     # ------------------------------------------------------------------ stages
 

@@ -16,3 +16,20 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(shared_data: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One tiny bundle with every graph and all three branches (2 hazelnut shots), per session.
+
+    Shared by the export end-to-end tests and the Triton repository/server tests, so the export
+    runs once.
+    """
+    from o2n_edge.export.build import ExportOptions, export_bundle
+
+    root = tmp_path_factory.mktemp("e2e")
+    summary = export_bundle(ExportOptions(
+        category="hazelnut", out=root / "bundle", profile="tiny", data=shared_data / "hazelnut_toy",
+        shots=2, seed=0, runs_dir=root / "runs", pool_size=2, personalize_steps=8, distill_steps=2,
+        progress=False))
+    return summary

@@ -328,12 +328,14 @@ def test_named_vit_with_local_checkpoint(registered_vit: str, tmp_path: Path) ->
                                from_file.encode_text(["a photo"]).numpy(), atol=0)
 
 
-def test_missing_checkpoint_names_the_setting() -> None:
+def test_missing_checkpoint_names_the_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     spec = PROFILES["sd15"].encoder
     with pytest.raises(FileNotFoundError, match="checkpoint"):
         build_encoder(replace(spec, checkpoint="/nonexistent/o2n/clip.pt"))
-    with pytest.raises(ValueError, match="hub"):
-        build_encoder(replace(spec, model_name="hf-hub:org/model"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="hf download org/model"):
+        build_encoder(replace(spec, checkpoint="hf-hub:org/model"))
 
 
 def test_encode_images_progress_bar_changes_nothing_but_stderr(tiny: FeatureEncoder, capsys) -> None:

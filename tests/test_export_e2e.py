@@ -1,7 +1,8 @@
 """End to end on real photos: tiny export -> verified bundle -> torch-free runtime -> CLI and server.
 
 One tiny bundle (all three branches, personalized on 2 hazelnut shots) is exported once per
-session; every test below uses it. This is where the non-negotiables are pinned: the bundle
+session (the ``tiny_bundle`` fixture in conftest.py, shared with the Triton tests); every test
+below uses it. This is where the non-negotiables are pinned: the bundle
 verifies and a tampered one is refused, the runtime never imports torch, and runtime scores match
 the torch reference image by image and in AUROC on the real test set.
 """
@@ -26,18 +27,6 @@ runner = CliRunner()
 # difference in the graphs can move a pixel by one level, which moves a score by up to ~1e-3.
 SCORE_ATOL = 2e-3
 AUROC_ATOL = 0.005  # image AUROC through the runtime vs the reference
-
-
-@pytest.fixture(scope="session")
-def tiny_bundle(shared_data: Path, tmp_path_factory: pytest.TempPathFactory):
-    from o2n_edge.export.build import ExportOptions, export_bundle
-
-    root = tmp_path_factory.mktemp("e2e")
-    summary = export_bundle(ExportOptions(
-        category="hazelnut", out=root / "bundle", profile="tiny", data=shared_data / "hazelnut_toy",
-        shots=2, seed=0, runs_dir=root / "runs", pool_size=2, personalize_steps=8, distill_steps=2,
-        progress=False))
-    return summary
 
 
 def test_bundle_has_every_graph_and_passes_validation(tiny_bundle) -> None:
@@ -179,9 +168,11 @@ def test_export_sd15_classes_at_tiny_size(shared_data: Path, tmp_path: Path, mon
     monkeypatch.setitem(profiles.PROFILES, "sd15", small)
     summary = export_bundle(ExportOptions(
         category="hazelnut", out=tmp_path / "bundle", profile="sd15", data=shared_data / "hazelnut_toy",
-        shots=1, runs_dir=tmp_path / "runs", personalize_steps=2, distill_steps=1, base_model=ckpt, progress=False))
+        shots=1, runs_dir=tmp_path / "runs", personalize_steps=2, distill_steps=1, base_model=ckpt, progress=False,
+        lcm_lora=""))  # "" = distil by LCD (the LCM-LoRA merge is tested from hub ids in test_hub.py)
     m = summary.manifest
     assert m["profile"] == "sd15" and m["prompt"] == "a photo of sks hazelnut"
+    assert m["diffusion"]["student"]["method"] == "lcd"
     assert set(m["models"]) == {"image_encoder", "vae_encoder", "vae_decoder", "unet"}
     assert m["models"]["unet"]["inputs"]["encoder_hidden_states"]["shape"][1:] == list(
         np.load(summary.bundle / "prompt_embeds.npy").shape[1:])
@@ -294,3 +285,14 @@ def test_static_int8_qdq_graphs_are_calibrated_cached_and_run(tiny_bundle, share
     pipe, _ = open_ort(tiny_bundle.bundle, 1, overrides=paths)
     scores = [r.score for r in pipe.inspect_batch([load_image(s.path) for s in ds.test[:3]])]
     assert np.all(np.isfinite(scores))
+
+
+def test_pool_size_zero_is_shots_only_without_diffusion(shared_data: Path, tmp_path: Path) -> None:
+    """`--branches pool --pool-size 0` is the shots-only baseline: nothing is personalized."""
+    from o2n_edge.export.build import ExportOptions, export_bundle
+
+    summary = export_bundle(ExportOptions(
+        category="hazelnut", out=tmp_path / "bundle", profile="tiny", data=shared_data / "hazelnut_toy",
+        shots=2, seed=0, runs_dir=tmp_path / "runs", branches="pool", pool_size=0, progress=False))
+    assert not (tmp_path / "runs").exists()
+    assert set(summary.manifest["models"]) == {"image_encoder"}

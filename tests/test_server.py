@@ -390,6 +390,35 @@ def test_health_ready_metrics(make_client) -> None:
     assert m1[f'o2n_bundle_info{{bundle_hash="{FAKE_BUNDLE_HASH}"}}'] == 1
 
 
+# Dashboards and alert rules key on these names and types: a rename breaks them silently.
+PINNED_METRICS = {
+    "o2n_http_requests_total": "counter",
+    "o2n_inspect_latency_seconds": "histogram",
+    "o2n_decisions_total": "counter",
+    "o2n_rejected_total": "counter",
+    "o2n_queue_depth": "gauge",
+    "o2n_queue_capacity": "gauge",
+    "o2n_threshold": "gauge",
+    "o2n_bundle_info": "gauge",
+}
+
+
+def test_metric_names_are_a_contract(make_client) -> None:
+    client, _, insp = make_client(max_queue=3)
+    post_raw(client, rgb_png(20))
+    text = client.get("/metrics").text
+    types = dict(
+        line.split(" ")[2:4] for line in text.splitlines() if line.startswith("# TYPE ")
+    )
+    for name, kind in PINNED_METRICS.items():
+        assert types.get(name) == kind, (name, types.get(name))
+    m = parse_metrics(text)
+    assert m["o2n_queue_capacity"] == 3 and m["o2n_threshold"] == insp.threshold
+    assert m['o2n_inspect_latency_seconds_bucket{le="0.005"}'] <= m[
+        'o2n_inspect_latency_seconds_bucket{le="30.0"}'
+    ]
+
+
 def test_readyz_fails_when_log_unwritable(make_client) -> None:
     client, log, _ = make_client()
     log.close()

@@ -36,8 +36,10 @@ def export_cmd(
     quantile: float = typer.Option(0.99, "--threshold-quantile", help="Threshold = this quantile of held-out good images' scores."),
     trt: bool = typer.Option(False, "--trt", help="Also build TensorRT engines (needs an NVIDIA GPU and o2n-edge[trt])."),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle and redo every export stage."),
-    base_model: Optional[Path] = typer.Option(None, "--base-model", envvar="O2N_SD15", help="sd15: local diffusers SD-1.5 checkpoint directory (default: $O2N_SD15)."),
-    encoder_checkpoint: Optional[Path] = typer.Option(None, "--encoder-checkpoint", envvar="O2N_CLIP", help="sd15: local open_clip checkpoint for the vision/text encoder (default: $O2N_CLIP)."),
+    base_model: Optional[str] = typer.Option(None, "--base-model", envvar="O2N_SD15", help="sd15: SD-1.5 diffusers checkpoint, a local directory or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5 (default: $O2N_SD15)."),
+    encoder_checkpoint: Optional[str] = typer.Option(None, "--encoder-checkpoint", envvar="O2N_CLIP", help="sd15: open_clip weights: a local file/dir, a pretrained tag of the profile's model (e.g. laion400m_e32) or hf-hub:org/name (default: $O2N_CLIP)."),
+    lcm_lora: Optional[str] = typer.Option(None, "--lcm-lora", help="sd15: LCM-LoRA merged with the personalization LoRA, a local file or hub id (default: latent-consistency/lcm-lora-sdv1-5); 'none' distils by LCD instead."),
+    lcm_lora_scale: float = typer.Option(1.0, "--lcm-lora-scale", help="sd15: weight of the LCM-LoRA in the merge."),
     personalize_steps: Optional[int] = typer.Option(None, "--personalize-steps", help="Personalization steps when no --run is given (default: the profile's)."),
     distill_steps: Optional[int] = typer.Option(None, "--distill-steps", help="Distillation steps when no --run is given (default: the profile's)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress on stderr."),
@@ -57,7 +59,9 @@ def export_cmd(
             branches=branches, precision=precision, pool_size=pool_size, coreset_ratio=coreset,
             threshold_quantile=quantile, force=force, progress=progress,
             personalize_steps=personalize_steps, distill_steps=distill_steps, base_model=base_model,
-            encoder_checkpoint=encoder_checkpoint))
+            encoder_checkpoint=encoder_checkpoint,
+            lcm_lora=None if lcm_lora is None else ("" if lcm_lora.lower() in ("none", "") else lcm_lora),
+            lcm_lora_scale=lcm_lora_scale))
     except typer.Exit:
         raise
     except (FileExistsError, *USER_ERRORS) as exc:
@@ -73,12 +77,12 @@ def export_cmd(
         _build_engines(summary.bundle, precision)
 
 
-def _build_engines(bundle: Path, precision: str) -> None:
-    from o2n_edge.export.tensorrt_build import TensorRTUnavailable, build_engines
+def _build_engines(bundle: Path, precision: str | None) -> None:
+    from o2n_edge.export.tensorrt_build import EngineBuildError, TensorRTUnavailable, build_engines
 
     try:
         reports = build_engines(bundle, precision=precision)
-    except TensorRTUnavailable as exc:
+    except (TensorRTUnavailable, EngineBuildError, *USER_ERRORS) as exc:
         fail(str(exc))
     for name, rep in reports.items():
         typer.echo(f"  engine {name}: {rep}")
@@ -87,7 +91,7 @@ def _build_engines(bundle: Path, precision: str) -> None:
 @app.command("build-engines")
 def build_engines_cmd(
     bundle: Path = typer.Argument(..., help="Bundle directory."),
-    precision: str = typer.Option("fp16", "--precision", help="fp16 or fp32 TensorRT engines."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp16 or fp32 TensorRT engines (default: the bundle's precision; TensorRT 11 builds only that)."),
 ) -> None:
     """Build TensorRT engines for a bundle on this device (cached by onnx hash, TensorRT version, GPU and profile)."""
     _build_engines(bundle, precision)

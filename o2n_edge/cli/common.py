@@ -41,8 +41,10 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, M
 def fail(message: str, code: int = 2) -> None:
     """Print a one-line error to stderr and exit; users see what is wrong, not a traceback."""
     from rich.console import Console
+    from rich.markup import escape
 
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    # escape: "pip install 'o2n-edge[build]'" must not lose its "[build]" as a markup tag
+    Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code)
 
 

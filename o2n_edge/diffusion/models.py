@@ -7,7 +7,8 @@ run one code path whether the networks are tiny random models in CI or a real SD
 - ``tiny`` / ``lite``: small networks with seeded init, trained from scratch on the shots. They have
   no text encoder: the personalized prompt is a learned embedding ``[1, prompt_len, dim]``
   (textual-inversion-like), trained jointly with the UNet.
-- ``sd15``: any SD-1.5-architecture diffusers checkpoint from a LOCAL directory (never downloaded).
+- ``sd15``: any SD-1.5-architecture diffusers checkpoint, a local directory or a hub id resolved
+  through the Hugging Face cache (:mod:`o2n_edge.hub`).
   :func:`make_tiny_sd15_checkpoint` writes a tiny random checkpoint of the same layout for tests.
 """
 
@@ -130,20 +131,26 @@ def _seeded_vae(arch: dict[str, Any], sample_size: int) -> AutoencoderKL:
 
 
 def resolve_base_model(spec: DiffusionSpec) -> Path:
-    """The local sd15 checkpoint dir: ``spec.base_model`` or ``$O2N_SD15``; missing is a clear error."""
+    """The sd15 checkpoint dir: ``spec.base_model`` or ``$O2N_SD15``, a local dir or a hub id.
+
+    A hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``) is resolved to its snapshot in the
+    Hugging Face cache (``HF_HOME``/``HF_HUB_OFFLINE`` honoured; see :mod:`o2n_edge.hub`).
+    """
+    from o2n_edge.hub import resolve_sd15
+
     raw = spec.base_model or os.environ.get(SD15_ENV, "")
     if not raw:
         raise FileNotFoundError(
-            "profile sd15 needs a local SD-1.5 diffusers checkpoint: pass --base-model DIR "
-            f"or set {SD15_ENV}=DIR (nothing is downloaded)"
+            "profile sd15 needs an SD-1.5 diffusers checkpoint: pass --base-model DIR or a hub id "
+            f"(e.g. stable-diffusion-v1-5/stable-diffusion-v1-5), or set {SD15_ENV}"
         )
-    path = Path(raw).expanduser()
+    path = resolve_sd15(raw)
     missing = [p for p in ("unet", "vae", "text_encoder", "tokenizer") if not (path / p).is_dir()]
     if not path.is_dir() or missing:
         what = "does not exist" if not path.is_dir() else f"lacks {', '.join(missing)}/"
         raise FileNotFoundError(
             f"sd15 base model {str(path)!r} {what}: pass --base-model DIR (or set {SD15_ENV}) "
-            "to a diffusers-layout SD-1.5 checkpoint with unet/, vae/, text_encoder/, tokenizer/"
+            "to a diffusers-layout SD-1.5 checkpoint with unet/, vae/, text_encoder/, tokenizer/, or a hub id"
         )
     return path
 
@@ -405,6 +412,46 @@ def make_tiny_lora(checkpoint: Path | str, out_dir: Path | str, rank: int = 4, s
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * scale)
     return save_unet_lora(unet, out_dir)
+
+
+# Layers the published LCM-LoRA for SD-1.5 (latent-consistency/lcm-lora-sdv1-5) adapts, by the
+# suffix of their diffusers module name; its file uses kohya-style keys
+# ``lora_unet_<module path with _>.{lora_down.weight,lora_up.weight,alpha}``.
+LCM_LORA_SUFFIXES = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                     "conv1", "conv2", "time_emb_proj")
+
+
+def write_kohya_lora(unet: Any, path: Path | str, rank: int = 64, seed: int = 2, scale: float = 0.01,
+                     suffixes: tuple[str, ...] = LCM_LORA_SUFFIXES) -> Path:
+    """Write a seeded random LoRA for ``unet`` in the published LCM-LoRA key format (kohya-style).
+
+    Why: the dry run and the tests must load a file laid out like the one users download, so that
+    diffusers' key conversion (not only our own peft format) is exercised. Conv layers get
+    ``[r, in, k, k]`` down / ``[out, r, 1, 1]`` up weights, as in that file.
+    """
+    torch = _torch()
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(seed)
+    tensors: dict[str, Any] = {}
+    for name, mod in unet.named_modules():
+        if not name.endswith(suffixes) or not isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
+            continue
+        key = "lora_unet_" + name.replace(".", "_")
+        if isinstance(mod, torch.nn.Linear):
+            down = torch.randn(rank, mod.in_features, generator=gen) / mod.in_features ** 0.5
+            up = torch.randn(mod.out_features, rank, generator=gen) * scale
+        else:
+            k = mod.kernel_size
+            down = torch.randn(rank, mod.in_channels, *k, generator=gen) / (mod.in_channels * k[0] * k[1]) ** 0.5
+            up = torch.randn(mod.out_channels, rank, 1, 1, generator=gen) * scale
+        tensors[f"{key}.lora_down.weight"] = down.contiguous()
+        tensors[f"{key}.lora_up.weight"] = up.contiguous()
+        tensors[f"{key}.alpha"] = torch.tensor(float(rank))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+    return path
 
 
 # --------------------------------------------------------------------------------------------

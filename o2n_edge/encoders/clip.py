@@ -11,8 +11,9 @@ Outputs, from a single pass through the vision transformer:
   (MaskCLIP-style dense features in the joint space), L2-normalized, for the text branch.
 - ``"global"``: the L2-normalized image embedding, identical to ``encode_image(normalize=True)``.
 
-Weights are only read from local paths (``spec.checkpoint``, a file or an open_clip
-``local-dir`` folder); an empty checkpoint means a seeded random init, which the tests and
+Weights come from ``spec.checkpoint``: a local file or open_clip ``local-dir`` folder, a
+pretrained tag of the model (``laion400m_e32``) or an ``hf-hub:org/name`` id, the last two
+resolved through the Hugging Face cache (:mod:`o2n_edge.hub`); an empty checkpoint means a seeded random init, which the tests and
 benchmarks use (``model_name="tiny"`` builds a ~0.5M-parameter CLIP of the same classes).
 """
 
@@ -98,21 +99,69 @@ def _checked_file(checkpoint: str) -> Path:
     """A checkpoint path that must exist locally; the error says which setting to fix."""
     path = Path(checkpoint).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"open_clip checkpoint not found: {path} ({CHECKPOINT_HINT})")
+        raise FileNotFoundError(f"open_clip checkpoint not found: {path} ({CHECKPOINT_HINT}: a local file/dir, "
+                                "a pretrained tag such as laion400m_e32, or an hf-hub:org/name id)")
     return path
 
 
+def _hub_local_dir(hub_id: str) -> Path:
+    """``hf-hub:org/name`` -> its cached snapshot (config + weights), for open_clip's ``local-dir:``."""
+    from o2n_edge.hub import OPEN_CLIP_PATTERNS, snapshot
+
+    repo = hub_id.removeprefix("hf-hub:")
+    path = snapshot(repo, OPEN_CLIP_PATTERNS, "open_clip model", ("open_clip_config.json",))
+    if not any((path / f).is_file() for f in OPEN_CLIP_PATTERNS[1:]):
+        from o2n_edge.hub import _missing
+
+        raise _missing("open_clip model", repo, OPEN_CLIP_PATTERNS, "no weights file")
+    return path
+
+
+def _pretrained_file(name: str, tag: str) -> Path:
+    """An open_clip pretrained tag (e.g. ``laion400m_e32``) -> its weights file in the hub cache.
+
+    open_clip itself downloads through ``hf_hub_download``; resolving the file here first means
+    ``HF_HUB_OFFLINE``/``HF_HOME`` as set now are obeyed and a missing file names its fetch command.
+    """
+    import os
+
+    from o2n_edge.hub import _missing, hub_file
+
+    open_clip = require("open_clip", "the open_clip encoder")
+    cfg = open_clip.get_pretrained_cfg(name, tag)
+    hub = cfg.get("hf_hub", "") if cfg else ""
+    if not hub:
+        raise FileNotFoundError(f"open_clip {name} has no hub weights for tag {tag!r}: pass a local checkpoint")
+    repo, filename = os.path.split(hub)  # open_clip's convention: "org/name/" or "org/name/file"
+    names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+    last: Exception | None = None
+    for fname in names:
+        try:
+            return hub_file(repo, fname, f"open_clip {name} ({tag})")
+        except FileNotFoundError as exc:
+            last = exc
+    raise _missing(f"open_clip {name} ({tag})", repo, names[:1], type(last).__name__)
+
+
 def _build_named(spec: EncoderSpec) -> torch.nn.Module:
-    """A named open_clip architecture with local weights (or seeded random init if none)."""
+    """A named open_clip architecture with weights from a local path, a pretrained tag or an hf-hub id.
+
+    No checkpoint: a seeded random init (tests, and the real-size dry run).
+    """
     open_clip = require("open_clip", "the open_clip encoder")
     name = spec.model_name
-    if name.startswith("hf-hub:"):
-        raise ValueError(f"{name!r}: hub models are not fetched at run time; {CHECKPOINT_HINT}")
     kwargs = {"pretrained_text": False, "pretrained_image": False, "device": "cpu"}
     if spec.image_size:
         kwargs["force_image_size"] = int(spec.image_size)
-    if spec.checkpoint:
-        path = _checked_file(spec.checkpoint)
+    ckpt = spec.checkpoint
+    if name.startswith("hf-hub:") and not ckpt:
+        return open_clip.create_model(f"local-dir:{_hub_local_dir(name)}", **kwargs)
+    if ckpt.startswith("hf-hub:"):
+        return open_clip.create_model(f"local-dir:{_hub_local_dir(ckpt)}", **kwargs)
+    if ckpt and not Path(ckpt).expanduser().exists() and ckpt in open_clip.list_pretrained_tags_by_model(name):
+        return open_clip.create_model(name, pretrained=str(_pretrained_file(name, ckpt)), **kwargs)
+    if ckpt:
+        path = _checked_file(ckpt)
         if path.is_dir():  # an open_clip "local-dir" export: config + weights side by side
             return open_clip.create_model(f"local-dir:{path}", **kwargs)
         return open_clip.create_model(name, pretrained=str(path), **kwargs)

@@ -1,0 +1,136 @@
+"""sd15 at real size on the CPU, seeded random weights in the hub layout, offline (slow: ~1 h on 1 thread).
+
+Usage: python -m benchmarks.sd15_dry_run [--work .bench_cache/sd15_dry_run] [--size 256] [--threads 1]
+       [--stages seed_hub,personalize,...] [--redo]
+Stages (each in its own process, resumable; see o2n_edge.bench.sd15_dry_run): seed_hub, personalize,
+merge_lcm_lora, export_fp32, export_fp16, runtime_fp32, runtime_fp16, taesd.
+Writes benchmarks/results/sd15_dry_run.{json,md}. Needs ~15 GB of free memory at the export stages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from o2n_edge.bench.sd15_dry_run import STAGES, run_stage, stage_env
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+GIB = 1 << 30
+
+
+def _table(doc: dict) -> str:
+    lines = [
+        "# sd15 dry run at real size (CPU, seeded random weights, offline hub cache)",
+        "",
+        f"Command: `{doc['command']}`. Diffusion size {doc['size']} px, scoring size 240 px (ViT-B-16-plus-240), "
+        f"{doc['threads']} thread(s); machine: {doc['machine']}. Random weights: scores are meaningless, "
+        "time, memory and bytes are not.",
+        "",
+        "| stage | wall s | peak RSS GiB | bytes written | notes |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for name in STAGES:
+        s = doc["stages"].get(name)
+        if s is None:
+            lines.append(f"| {name} | — | — | — | not run |")
+            continue
+        if "error" in s:
+            lines.append(f"| {name} | {s.get('wall_s', '—')} | — | — | FAILED: {s['error'][:120]} |")
+            continue
+        info = s["info"]
+        note = ""
+        if name == "seed_hub":
+            note = ", ".join(f"{k} {v / 1e6:.0f}M params" for k, v in info["params"].items())
+        elif name.startswith("export"):
+            big = {k: v for k, v in info["files"].items() if v > 5e6}
+            note = ", ".join(f"{k} {v / 1e6:.0f} MB" for k, v in big.items())
+            note += f"; runtime vs torch max |diff| {info['parity']['max_abs']:.2e}"
+        elif name.startswith("runtime"):
+            note = (f"{info['per_image_s']} s/image (scoring {info['scoring_size']} px, diffusion "
+                    f"{info['diffusion_size']} px); inspect rc {info['inspect_cli_rc']}")
+            if "max_abs_vs_fp32" in info:
+                note += f"; max |fp16 - fp32| score {info['max_abs_vs_fp32']:.3g}"
+        elif name == "taesd":
+            note = "; ".join(f"{k} {v['median_ms']:.0f} ms" for k, v in info["latency"].items())
+        elif name == "merge_lcm_lora":
+            note = f"{info['method']} ({info['lcm_lora']}, rank {info['lcm_lora_rank']}, kohya-style keys)"
+        elif name == "personalize":
+            note = f"{info['steps']} LoRA steps, rank {info['lora_rank']}"
+        lines.append(f"| {name} | {s['wall_s']:.1f} | {s['peak_rss_bytes'] / GIB:.2f} | "
+                     f"{s['output_bytes'] / 1e6:.0f} MB | {note} |")
+    return "\n".join(lines) + "\n"
+
+
+def collect(work: Path, command: str, size: int, threads: int) -> dict:
+    from o2n_edge.bench.env import machine_stamp
+
+    stages = {}
+    for name in STAGES:
+        f = work / "stages" / f"{name}.json"
+        err = work / "stages" / f"{name}.error"
+        if f.is_file():
+            stages[name] = json.loads(f.read_text())
+        elif err.is_file():
+            stages[name] = json.loads(err.read_text())
+    return {"command": command, "size": size, "threads": threads, "machine": machine_stamp(threads), "stages": stages}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", type=Path, default=ROOT / ".bench_cache" / "sd15_dry_run")
+    p.add_argument("--data", type=Path, default=ROOT / ".." / "shared" / "data" / "hazelnut_toy")
+    p.add_argument("--size", type=int, default=256, help="diffusion image size (pixels)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--stages", default=",".join(STAGES))
+    p.add_argument("--redo", action="store_true", help="rerun stages that already finished")
+    p.add_argument("--stage", help=argparse.SUPPRESS)  # internal: run one stage in this process
+    p.add_argument("--out", type=Path, default=RESULTS)
+    a = p.parse_args()
+    work = a.work.resolve()
+    opts = {"size": a.size, "threads": a.threads, "data": str(a.data.resolve())}
+    if a.stage:
+        run_stage(a.stage, work, opts)
+        return
+    command = "python -m benchmarks.sd15_dry_run " + " ".join(sys.argv[1:])
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    for name in [s.strip() for s in a.stages.split(",") if s.strip()]:
+        if name not in STAGES:
+            sys.exit(f"unknown stage {name!r}: choose from {', '.join(STAGES)}")
+        done = work / "stages" / f"{name}.json"
+        if done.is_file() and not a.redo:
+            print(f"[dry-run] {name}: done before, skipped", flush=True)
+            continue
+        print(f"[dry-run] {name}: running (log {work / 'logs' / f'{name}.log'})", flush=True)
+        t = time.perf_counter()
+        with open(work / "logs" / f"{name}.log", "w") as log:
+            rc = subprocess.run([sys.executable, "-m", "benchmarks.sd15_dry_run", "--stage", name, "--work", str(work),
+                                 "--size", str(a.size), "--threads", str(a.threads), "--data", str(a.data)],
+                                cwd=ROOT, env=stage_env(work, a.threads), stdout=log, stderr=subprocess.STDOUT,
+                                check=False).returncode
+        err = work / "stages" / f"{name}.error"
+        if rc != 0:
+            tail = (work / "logs" / f"{name}.log").read_text(errors="replace").strip().splitlines()[-1:]
+            err.parent.mkdir(parents=True, exist_ok=True)
+            err.write_text(json.dumps({"stage": name, "wall_s": round(time.perf_counter() - t, 1), "rc": rc,
+                                       "error": " ".join(tail) or f"exit {rc}"}))
+            print(f"[dry-run] {name}: FAILED (rc {rc}), see the log", flush=True)
+            break
+        err.unlink(missing_ok=True)
+        print(f"[dry-run] {name}: {time.perf_counter() - t:.0f} s", flush=True)
+    doc = collect(work, command, a.size, a.threads)
+    a.out.mkdir(parents=True, exist_ok=True)
+    for suffix, text in (("json", json.dumps(doc, indent=2) + "\n"), ("md", _table(doc))):
+        tmp = a.out / f".sd15_dry_run.{suffix}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, a.out / f"sd15_dry_run.{suffix}")
+    print(f"wrote {a.out / 'sd15_dry_run.md'}")
+
+
+if __name__ == "__main__":
+    main()
