@@ -96,6 +96,8 @@ def main() -> None:
     ap.add_argument("--shots", default="1,2,4")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--fixed", action="store_true", help="the profile's fixed encoder, no self-tuning")
+    ap.add_argument("--merge", default=None,
+                    help="comma list of result names whose .runs.jsonl are combined into --name (no runs)")
     args = ap.parse_args()
     import torch
 
@@ -109,6 +111,10 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     jsonl = RESULTS / f"{args.name}.runs.jsonl"
     records = [json.loads(x) for x in jsonl.read_text().splitlines()] if jsonl.exists() else []
+    if args.merge:  # parts run in parallel processes, one file each
+        records = [json.loads(x) for part in args.merge.split(",")
+                   for x in (RESULTS / f"{part}.runs.jsonl").read_text().splitlines()]
+        jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
     base = baseline_table(args.baseline)
     shots = [int(x) for x in args.shots.split(",")]
     seeds = [int(x) for x in args.seeds.split(",")]
@@ -128,7 +134,7 @@ def main() -> None:
             f"{profile.jpeg_draft}; each run's setting is chosen from its shots alone (pseudo-validation "
             f"scores in the JSON). Written by `python -m benchmarks.accuracy_v2`.\n\n" + md)
 
-    for dataset, root, category in SETS:
+    for dataset, root, category in ([] if args.merge else SETS):
         if args.only and category not in args.only.split(","):
             continue
         todo = [(k, s) for k in shots for s in seeds

@@ -92,6 +92,7 @@ def main() -> None:
     ap.add_argument("--candidates", required=True)
     ap.add_argument("--name", default="feature_sweep_pilot")
     ap.add_argument("--coreset", type=float, default=1.0, help="keep this fraction of the bank (as export does)")
+    ap.add_argument("--no-pixel", action="store_true", help="image metrics only (pixel AUROC/PRO are slow)")
     ap.add_argument("--no-pseudo", action="store_true", help="skip the shots-only pseudo-validation")
     args = ap.parse_args()
     import torch
@@ -129,7 +130,8 @@ def main() -> None:
             side = spec.input_size
             t = time.perf_counter()
             images = [load_image(s.path, side) for s in ds.test]
-            masks = np.stack([load_mask(s.mask_path, (side, side)) for s in ds.test]) if ds.has_masks else None
+            masks = (np.stack([load_mask(s.mask_path, (side, side)) for s in ds.test])
+                     if ds.has_masks and not args.no_pixel else None)
             trunk = encode_trunk(spec, images)
             shots = [load_image(p, side) for p in shot_paths]
             views = [v for im in shots for v in augment_views(im)]

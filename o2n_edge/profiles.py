@@ -90,6 +90,17 @@ class Profile:
         return tuple(b for b in BRANCHES if b != "text" or self.has_text)
 
 
+# What the lite profile's self-tuning chooses from per category (o2n_edge.tuning.Candidate fields),
+# cheapest first. Narrowed by benchmarks/results/feature_sweep_pilot*.md (tire and textile, 4 shots,
+# seed 0): 320 px and 2x2 tiles localise better (tire PRO 84.6 -> 92.5) but lose image AUROC on tire
+# (76.7 -> 63.8), layers 2+3 lose to 2+4 on tire, and the global statistics branch gains on textile
+# (75.4 -> 79.1) while it costs on tire (76.7 -> 72.5): the weight of that branch is what varies.
+LITE_SELF_TUNE = (
+    {"kind": "efficientnet_lite0", "image_size": 224, "layers": (2, 4), "aggregation": 3, "stats_weight": 0.0},
+    {"kind": "efficientnet_lite0", "image_size": 224, "layers": (2, 4), "aggregation": 3, "stats_weight": 0.5},
+    {"kind": "efficientnet_lite0", "image_size": 224, "layers": (2, 4), "aggregation": 3, "stats_weight": 1.0},
+)
+
 PROFILES: dict[str, Profile] = {
     "tiny": Profile(
         name="tiny",
@@ -109,6 +120,8 @@ PROFILES: dict[str, Profile] = {
         ),
         has_text=False,
         coreset_ratio=0.1,
+        jpeg_draft=True,
+        self_tune=LITE_SELF_TUNE,
     ),
     "sd15": Profile(
         name="sd15",

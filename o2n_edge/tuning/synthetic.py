@@ -93,19 +93,34 @@ def scratch(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def global_change(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A change of the whole image that no single patch may give away."""
+    """A mild change of the whole image that no single patch gives away.
+
+    Deliberately subtle: a blatant change is caught by every setting (measured: a pseudo-AUROC of
+    ~0.96 on textile shots without any global branch), so it cannot tell settings apart.
+    """
     out = image.astype(np.float32)
-    which = int(rng.integers(0, 4))
+    scale = max(image.shape[:2]) / 256
+    which = int(rng.integers(0, 6))
     if which == 0:  # colour cast
-        out = out * rng.uniform(0.8, 1.2, size=3) + rng.uniform(-20, 20, size=3)
+        out = out * rng.uniform(0.9, 1.1, size=3) + rng.uniform(-10, 10, size=3)
     elif which == 1:  # contrast
         m = out.mean(axis=(0, 1), keepdims=True)
-        out = (out - m) * rng.choice([rng.uniform(0.55, 0.75), rng.uniform(1.35, 1.6)]) + m
-    elif which == 2:  # defocus
-        radius = rng.uniform(1.0, 2.5) * max(image.shape[:2]) / 256
+        out = (out - m) * rng.choice([rng.uniform(0.7, 0.85), rng.uniform(1.15, 1.35)]) + m
+    elif which == 2:  # slight defocus
+        radius = rng.uniform(0.6, 1.5) * scale
         out = np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(radius)), dtype=np.float32)
-    else:  # a fine texture over everything (a wrong weave, a film, a coarse surface)
-        out = out + rng.normal(0, rng.uniform(10, 20), size=out.shape)
+    elif which == 3:  # over-sharpened (a finer, harder texture)
+        f = ImageFilter.UnsharpMask(radius=max(1, round(2 * scale)), percent=int(rng.integers(80, 160)), threshold=0)
+        out = np.asarray(Image.fromarray(image).filter(f), dtype=np.float32)
+    elif which == 4:  # a coarser texture: the whole surface slightly magnified
+        h, w = image.shape[:2]
+        s = rng.uniform(0.78, 0.88)
+        ch, cw = int(h * s), int(w * s)
+        y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+        crop = Image.fromarray(np.ascontiguousarray(image[y:y + ch, x:x + cw]))
+        out = np.asarray(crop.resize((w, h), Image.Resampling.BICUBIC), dtype=np.float32)
+    else:  # a fine grain over everything (a film, a coarse surface)
+        out = out + rng.normal(0, rng.uniform(5, 10), size=out.shape)
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
