@@ -67,7 +67,7 @@ class ScoringConfig:
         return cls(
             branches=tuple(branches),
             weights={b: profile.weights[b] for b in branches},
-            image_size=profile.encoder.image_size,
+            image_size=profile.encoder.input_size,
             topk_fraction=profile.topk_fraction,
             global_weight=profile.global_weight,
             smoothing_sigma=profile.smoothing_sigma,

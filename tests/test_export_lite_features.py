@@ -17,7 +17,7 @@ def tiled_bundle(shared_data: Path, tmp_path_factory: pytest.TempPathFactory):
 
     lite = profiles.PROFILES["lite"]
     spec = replace(lite.encoder, image_size=96, tiles=2, tile_overlap=0.5, layers=(2, 3))
-    patched = replace(lite, encoder=spec, stats_weight=1.0, jpeg_draft=True)
+    patched = replace(lite, encoder=spec, stats_weight=1.0, jpeg_draft=True, self_tune=())
     mp = pytest.MonkeyPatch()
     mp.setitem(profiles.PROFILES, "lite", patched)
     try:
@@ -45,3 +45,16 @@ def test_tiled_stats_bundle_matches_reference(tiled_bundle, shared_data: Path) -
     good = sorted((shared_data / "hazelnut_toy" / "hazelnut" / "test" / "good").glob("*.jpg"))[0]
     res = pipe.inspect_batch([img, pipe.decode(good.read_bytes())])
     assert res[0].anomaly_map.shape == (160, 160) and res[0].score > res[1].score
+
+
+def test_inspect_prints_the_settings(tiled_bundle) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from o2n_edge.cli import app
+
+    res = CliRunner().invoke(app, ["inspect", str(tiled_bundle.bundle), "--json"])
+    assert res.exit_code == 0, res.output
+    line = json.loads(res.output)["settings"]
+    assert "2x2 tiles" in line and "layers [2, 3]" in line and "statistics weight 1.0" in line and "JPEG draft True" in line
