@@ -17,11 +17,12 @@ import sys
 import time
 from pathlib import Path
 
-from o2n_edge.bench.sd15_dry_run import STAGES, run_stage, stage_env
+from o2n_edge.bench.sd15_dry_run import DEFAULT_STAGES, STAGES, run_stage, stage_env
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 GIB = 1 << 30
+TAESD_NAME = "madebyollin/taesd"
 
 
 def _table(doc: dict) -> str:
@@ -29,7 +30,9 @@ def _table(doc: dict) -> str:
         "# sd15 dry run at real size (CPU, seeded random weights, offline hub cache)",
         "",
         f"Command: `{doc['command']}`. Diffusion size {doc['size']} px, scoring size 240 px (ViT-B-16-plus-240), "
-        f"{doc['threads']} thread(s); machine: {doc['machine']}. Random weights: scores are meaningless, "
+        f"{doc['threads']} thread(s); machine: {doc['machine']['cpu']} ({doc['machine']['cores']} usable cores, "
+        f"shared with other work: load average at start {doc['machine']['load_average_start']}). "
+        "Random weights: scores are meaningless, "
         "time, memory and bytes are not.",
         "",
         "| stage | wall s | peak RSS GiB | bytes written | notes |",
@@ -52,19 +55,58 @@ def _table(doc: dict) -> str:
             note = ", ".join(f"{k} {v / 1e6:.0f} MB" for k, v in big.items())
             note += f"; runtime vs torch max |diff| {info['parity']['max_abs']:.2e}"
         elif name.startswith("runtime"):
+            t = info["timings_ms_median"]
             note = (f"{info['per_image_s']} s/image (scoring {info['scoring_size']} px, diffusion "
-                    f"{info['diffusion_size']} px); inspect rc {info['inspect_cli_rc']}")
+                    f"{info['diffusion_size']} px): VAE encode {t.get('vae_encode', 0):.0f} ms, UNet step "
+                    f"{t.get('unet_step_0', 0):.0f} ms, VAE decode {t.get('vae_decode', 0):.0f} ms; "
+                    f"`o2n-edge inspect` rc {info['inspect_cli_rc']}")
             if "max_abs_vs_fp32" in info:
-                note += f"; max |fp16 - fp32| score {info['max_abs_vs_fp32']:.3g}"
-        elif name == "taesd":
-            note = "; ".join(f"{k} {v['median_ms']:.0f} ms" for k, v in info["latency"].items())
+                note += f"; max |score - fp32 bundle's| {info['max_abs_vs_fp32']:.3g}"
+        elif name == "taesd_latency":
+            note = "; ".join(f"{k} {v['median_ms']:.0f} ms ({v['bytes'] / 1e6:.0f} MB)" for k, v in info["latency"].items())
         elif name == "merge_lcm_lora":
             note = f"{info['method']} ({info['lcm_lora']}, rank {info['lcm_lora_rank']}, kohya-style keys)"
         elif name == "personalize":
             note = f"{info['steps']} LoRA steps, rank {info['lora_rank']}"
         lines.append(f"| {name} | {s['wall_s']:.1f} | {s['peak_rss_bytes'] / GIB:.2f} | "
                      f"{s['output_bytes'] / 1e6:.0f} MB | {note} |")
+    lines += _vae_table(doc) + _taesd_table(doc)
     return "\n".join(lines) + "\n"
+
+
+def _taesd_table(doc: dict) -> list[str]:
+    s = doc["stages"].get("taesd_latency")
+    if not s or "info" not in s:
+        return []
+    lat = s["info"]["latency"]
+    rows = [f"| {label} | {lat[f'{k}_encoder']['median_ms']:.0f} | {lat[f'{k}_decoder']['median_ms']:.0f} | "
+            f"{(lat[f'{k}_encoder']['bytes'] + lat[f'{k}_decoder']['bytes']) / 1e6:.1f} MB |"
+            for k, label in (("full", "SD-1.5 AutoencoderKL (the fp32 bundle's graphs)"),
+                             ("taesd", f"TAESD ({TAESD_NAME}, exported by the project's specs)"))]
+    return ["", f"VAE graphs alone, batch 1, {s['info']['size']} px, ORT CPU {s['info']['threads']} thread, median of "
+            f"{s['info']['repeats']} runs after a warm-up (stage taesd_latency):", "",
+            "| VAE | encode ms | decode ms | graphs |", "|---|---:|---:|---:|", *rows]
+
+
+def _vae_table(doc: dict) -> list[str]:
+    """TAESD next to the full SD VAE: the same runtime, the same images, medians of the stage timings."""
+    rows = []
+    for name, label in (("fp32", "SD-1.5 AutoencoderKL (full VAE)"), ("taesd", "TAESD (AutoencoderTiny)")):
+        rt, ex = doc["stages"].get(f"runtime_{name}"), doc["stages"].get(f"export_{name}")
+        if not rt or "info" not in rt or not ex or "info" not in ex:
+            continue
+        t, files = rt["info"]["timings_ms_median"], ex["info"]["files"]
+        vae_bytes = sum(v for k, v in files.items() if k.startswith("vae_"))
+        params = (ex["info"].get("vae") or {}).get("params", 0)
+        rows.append(f"| {label} | {params / 1e6:.1f} | {t.get('vae_encode', 0):.0f} | {t.get('vae_decode', 0):.0f} | "
+                    f"{vae_bytes / 1e6:.0f} MB | {t.get('total', 0) / 1000:.1f} |")
+    if not rows:
+        return []
+    size = doc["size"]
+    return ["", f"VAE of the transform, fp32 graphs on ORT CPU ({doc['threads']} thread), {size} px, median over "
+            "the scored images (runtime stages above):", "",
+            "| VAE | params M | encode ms | decode ms | graphs | whole image s |", "|---|---:|---:|---:|---:|---:|",
+            *rows]
 
 
 def collect(work: Path, command: str, size: int, threads: int) -> dict:
@@ -85,9 +127,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, default=ROOT / ".bench_cache" / "sd15_dry_run")
     p.add_argument("--data", type=Path, default=ROOT / ".." / "shared" / "data" / "hazelnut_toy")
-    p.add_argument("--size", type=int, default=256, help="diffusion image size (pixels)")
+    p.add_argument("--size", type=int, default=256, help="diffusion image size (pixels); scoring is at 240")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--stages", default=",".join(STAGES))
+    p.add_argument("--stages", default=",".join(DEFAULT_STAGES), help=f"comma list from {', '.join(STAGES)}")
     p.add_argument("--redo", action="store_true", help="rerun stages that already finished")
     p.add_argument("--stage", help=argparse.SUPPRESS)  # internal: run one stage in this process
     p.add_argument("--out", type=Path, default=RESULTS)

@@ -8,6 +8,7 @@ Writes benchmarks/results/<name>.{json,md} (default name triton_lite).
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 from pathlib import Path
 
@@ -21,6 +22,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def _uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def _site_prefix() -> str:
+    """The models' numpy < 2 site folder, when one was given (see o2n_edge.triton.local_server)."""
+    from o2n_edge.triton.local_server import SITE_ENV
+
+    site = os.environ.get(SITE_ENV)
+    return f"{SITE_ENV}={site} " if site else ""
 
 
 def main() -> None:
@@ -43,7 +52,7 @@ def main() -> None:
     ds = load_dataset(a.data, None, a.category)
     jpegs = [s.path.read_bytes() for s in ds.test]
     doc = {"name": a.name, "machine": machine_stamp(a.threads), "uptime_start": _uptime(),
-           "note": " ".join(NOTE.split()), "command": "python -m benchmarks.triton " + " ".join(
+           "note": " ".join(NOTE.split()), "command": _site_prefix() + "python -m benchmarks.triton " + " ".join(
                f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if k != "out")}
     doc["result"] = bench_triton(a.bundle, a.threads, jpegs, max_batch=a.max_batch)
     doc["uptime_end"] = _uptime()

@@ -56,7 +56,7 @@ class ExportOptions:
     # sd15 student: None = the profile's LCM-LoRA (merged with the personalization LoRA); "" = LCD
     lcm_lora: str | None = None
     lcm_lora_scale: float = 1.0
-    vae: str | None = None  # sd15: the transform's VAE; "taesd" dir/hub id = AutoencoderTiny
+    vae: str | None = None  # sd15: the transform's VAE: None/"full" = the checkpoint's, else a TAESD dir or hub id
 
 
 @dataclass
@@ -160,6 +160,13 @@ def export_bundle(opts: ExportOptions) -> ExportSummary:
             # the export runs the student only: drop the teacher and the text encoder (3.4 + 0.5 GB
             # at SD-1.5 size; the prompt's hidden states are already in the run)
             run.models.unet, run.models.text_encoder = run.student, None
+        if opts.vae and opts.vae != "full":
+            if run.spec.kind != "sd15":
+                raise ValueError("--vae applies to the sd15 profile only")
+            from o2n_edge.diffusion.taesd import use_taesd
+
+            _say(opts.progress, f"using TAESD ({opts.vae}) as the transform's VAE")
+            use_taesd(run.models, opts.vae)
         walls["load_run"] = round(time.perf_counter() - t, 2)
         n_pool = profile.diffusion.pool_size if opts.pool_size is None else opts.pool_size
         if "pool" in branches and n_pool > 0:
@@ -239,6 +246,7 @@ def export_bundle(opts: ExportOptions) -> ExportSummary:
         manifest["tuning"] = tuning
     if run is not None and "personalized" in branches:
         from o2n_edge.diffusion import transform_noise, transform_plan
+        from o2n_edge.diffusion.taesd import vae_record
         from o2n_edge.diffusion.transform import lcm_scheduler
         from o2n_edge.export.scheduler_tables import lcm_tables
 
@@ -256,7 +264,7 @@ def export_bundle(opts: ExportOptions) -> ExportSummary:
                           "steps_run": plan["steps_run"], "timesteps": [int(x) for x in plan["timesteps"]],
                           "strength_mode": "lcm", "seed": opts.seed},
             "diffusion": {"kind": run.spec.kind, "latent_shape": lat, "distill": run.distill_info.get("distances", {}),
-                          "student": student_record(run.distill_info)},
+                          "student": student_record(run.distill_info), "vae": vae_record(m.vae)},
         })
         noise = transform_noise(tuple(lat), plan["steps_run"] - 1, opts.seed)
         noises = np.stack([noise["init"].numpy(), *[n.numpy() for n in noise["steps"]]]).astype(np.float32)

@@ -1,4 +1,9 @@
-"""Result tables: the same figures as a rich table (terminal) and a markdown table (files)."""
+"""Result tables: the same figures as a rich table (terminal) and a markdown table (files).
+
+These are the offline evaluation's tables (``o2n-edge eval``). The acceptance report of one
+bundle on a test set (``o2n-edge report``: rates at its threshold, plots, misses) is
+:mod:`o2n_edge.acceptance`.
+"""
 
 from __future__ import annotations
 

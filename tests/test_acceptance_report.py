@@ -108,7 +108,8 @@ def test_report_page_is_self_contained(report_dir: Path) -> None:
     strip = Image.open(io.BytesIO(base64.b64decode(strips[0])))
     assert strip.size[0] > 2.5 * strip.size[1]  # query | normal version | overlay
     for text in ("good parts rejected", "escapes", "colour", "query | normal version | heat-map overlay",
-                 "Clopper-Pearson", "Worst false rejects"):
+                 "Clopper-Pearson", "Worst false rejects",
+                 "a single unusual good image sets it"):  # 0.99 quantile of 26 calibration images
         assert text in html, text
 
 
@@ -246,4 +247,15 @@ def test_report_refuses_a_runtime_whose_decisions_it_cannot_recount(shared_data:
     with pytest.raises(ValueError, match="decision differs"):
         build_report(Path("fake-bundle"), ds, tmp_path / "rep", inspector=_ManifestFake(0.0, rule_offset=1e6),
                      progress=False)
+    assert not (tmp_path / "rep").exists()
+
+
+@pytest.mark.parametrize("option, value, message", [("--target-frr", "1.5", "--target-frr"),
+                                                    ("--confidence", "1", "--confidence"),
+                                                    ("--gallery", "-1", "--gallery")])
+def test_bad_options_are_one_line_errors(tiny_bundle: Path, shared_data: Path, tmp_path: Path,
+                                         option: str, value: str, message: str) -> None:
+    res = runner.invoke(app, ["report", "--bundle", str(tiny_bundle), "--data", str(shared_data / "hazelnut_toy"),
+                              "--out", str(tmp_path / "rep"), "--no-progress", option, value])
+    assert res.exit_code == 2 and message in res.output and len(res.output.strip().splitlines()) == 1, res.output
     assert not (tmp_path / "rep").exists()

@@ -23,6 +23,10 @@ from o2n_edge import hub  # noqa: E402
 SD15_ID = "o2n-test/sd15-tiny"
 LCM_ID = "o2n-test/lcm-lora-tiny"
 CLIP_ID = "o2n-test/vit-tiny-openclip"
+TAESD_ID = "o2n-test/taesd-tiny"
+# AutoencoderTiny at the tiny checkpoint's latent space (4 channels at 1/2): TAESD's classes, tiny sizes
+TINY_TAESD = dict(encoder_block_out_channels=(16, 16), decoder_block_out_channels=(16, 16),
+                  num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1), latent_channels=4)
 VIT_NAME = "ViT-T-8-o2nhub"
 VIT_TAG = "o2ntest_e1"
 VIT_CONFIG = {
@@ -59,7 +63,9 @@ def tiny_sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     ckpt = make_tiny_sd15_checkpoint(root / "sd15")
     unet = diffusers.UNet2DConditionModel.from_pretrained(ckpt / "unet")
     lora = write_kohya_lora(unet, root / "lcm" / "pytorch_lora_weights.safetensors", rank=4, scale=0.05)
-    return {"sd15": ckpt, "lcm": lora.parent}
+    torch.manual_seed(0)
+    diffusers.AutoencoderTiny(**TINY_TAESD).save_pretrained(root / "taesd")
+    return {"sd15": ckpt, "lcm": lora.parent, "taesd": root / "taesd"}
 
 
 def test_sd15_and_lcm_lora_hub_ids_resolve_offline(offline: Path, tiny_sources: dict[str, Path]) -> None:
@@ -137,6 +143,7 @@ def test_export_with_hub_ids_merges_the_lcm_lora(offline: Path, tiny_sources: di
 
     hub.seed_hub_cache(SD15_ID, tiny_sources["sd15"])
     hub.seed_hub_cache(LCM_ID, tiny_sources["lcm"])
+    hub.seed_hub_cache(TAESD_ID, tiny_sources["taesd"])
     sd15 = profiles.PROFILES["sd15"]
     small = replace(sd15, encoder=replace(sd15.encoder, model_name="tiny", image_size=64),
                     diffusion=replace(sd15.diffusion, image_size=32, pool_size=1))
@@ -145,13 +152,18 @@ def test_export_with_hub_ids_merges_the_lcm_lora(offline: Path, tiny_sources: di
     res = CliRunner().invoke(app, [
         "export", "--category", "hazelnut", "--data", str(shared_data / "hazelnut_toy"), "--profile", "sd15",
         "--shots", "1", "--out", str(out), "--runs-dir", str(tmp_path / "runs"), "--personalize-steps", "1",
-        "--base-model", SD15_ID, "--lcm-lora", LCM_ID, "--lcm-lora-scale", "0.9", "--no-progress"])
+        "--base-model", SD15_ID, "--lcm-lora", LCM_ID, "--lcm-lora-scale", "0.9", "--vae", TAESD_ID, "--no-progress"])
     assert res.exit_code == 0, res.output
     m = json.loads((out / "manifest.json").read_text())
     student = m["diffusion"]["student"]
     assert student["method"] == "lcm_lora_merge" and student["steps"] == 0
     assert student["lcm_lora"] == LCM_ID and student["lcm_lora_scale"] == 0.9
+    vae = m["diffusion"]["vae"]
+    assert vae["kind"] == "taesd" and vae["source"] == TAESD_ID and vae["class"] == "AutoencoderTiny"
     assert verify_bundle(out) == []
+    assert "taesd" in CliRunner().invoke(app, ["inspect", str(out)]).output
+    # the runtime ran the TAESD graphs (parity vs the torch reference is checked by export itself)
+    assert "runtime vs torch scores" in res.output
     # the profile's default LCM-LoRA id, absent from this cache: one line naming the fetch command
     res = CliRunner().invoke(app, [
         "export", "--category", "hazelnut", "--data", str(shared_data / "hazelnut_toy"), "--profile", "sd15",
@@ -161,3 +173,26 @@ def test_export_with_hub_ids_merges_the_lcm_lora(offline: Path, tiny_sources: di
     said = " ".join(res.output.split())
     assert "hf download latent-consistency/lcm-lora-sdv1-5" in said and "Traceback" not in said
     assert not (tmp_path / "runs2").exists()  # refused before personalizing, not after
+
+
+def test_taesd_behaves_like_the_autoencoder_it_wraps(offline: Path, tiny_sources: dict[str, Path]) -> None:
+    import diffusers
+
+    from o2n_edge.diffusion.models import DiffusionModels, decode_latents, encode_latents
+    from o2n_edge.diffusion.taesd import load_taesd, use_taesd
+
+    hub.seed_hub_cache(TAESD_ID, tiny_sources["taesd"])
+    vae = load_taesd(TAESD_ID)
+    tiny = diffusers.AutoencoderTiny.from_pretrained(tiny_sources["taesd"]).eval()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        lat = tiny.encode(x).latents
+        torch.testing.assert_close(encode_latents(vae, x, 1.0), lat, rtol=0, atol=0)
+        torch.testing.assert_close(decode_latents(vae, lat, 1.0), tiny.decode(lat).sample, rtol=0, atol=0)
+    models = DiffusionModels(unet=None, vae=None, prompt_dim=32, prompt_len=77, latent_channels=4, vae_scale=2,
+                             scaling_factor=0.18215, scheduler_config={})
+    record = use_taesd(models, TAESD_ID)
+    assert record["kind"] == "taesd" and models.scaling_factor == 1.0 and models.vae.config.latent_channels == 4
+    models.vae_scale = 8
+    with pytest.raises(ValueError, match="not the same latent space"):
+        use_taesd(models, str(tiny_sources["taesd"]))

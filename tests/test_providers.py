@@ -149,3 +149,20 @@ def test_cpu_fallback_log_names_the_fix(monkeypatch: pytest.MonkeyPatch, caplog:
     with caplog.at_level("WARNING"):
         assert pl.resolve_providers("cuda") == ["CPUExecutionProvider"]
     assert "falling back to CPUExecutionProvider" in caplog.text and pv.FIX_BOTH in caplog.text
+
+
+def test_deploy_files_install_extras_that_exist() -> None:
+    """The Dockerfiles cannot be built here: at least what they COPY and the extras they install exist."""
+    import re
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert "onnxruntime" not in " ".join(tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"])
+    assert extras["cpu"] == ["onnxruntime==1.32.0"] and extras["gpu"][0].startswith("onnxruntime-gpu==")
+    for name in ("Dockerfile.cuda", "Dockerfile.jetson"):
+        text = (root / "runtime" / "deploy" / name).read_text()
+        for src in re.findall(r"^COPY (.+) /src/", text, flags=re.M):
+            assert all((root / s).exists() for s in src.split()), (name, src)
+        for group in re.findall(r'/src\[([a-z,]+)\]', text):
+            assert set(group.split(",")) <= set(extras), (name, group)

@@ -73,7 +73,7 @@ def score_test_set(inspector: Inspector, dataset: Dataset, progress: bool = True
     starts = range(0, len(samples), batch)
     for start in progress_iter(starts, f"scoring {len(samples)} test images", progress, total=len(starts)):
         chunk = samples[start:start + batch]
-        results = inspector.inspect_batch([load_image(s.path, size) for s in chunk])
+        results = inspector.inspect_batch([_load(inspector, s, size) for s in chunk])
         for i, r in enumerate(results):
             scores[start + i] = r.score
             decisions[start + i] = r.decision
@@ -87,7 +87,17 @@ def score_test_set(inspector: Inspector, dataset: Dataset, progress: bool = True
 
 def inspect_one(inspector: Inspector, sample: Sample) -> InspectResult:
     """Re-inspect one image for the gallery (query, normal version when the bundle makes one, map)."""
-    return inspector.inspect(load_image(sample.path, int(inspector.image_size)))
+    return inspector.inspect(_load(inspector, sample, int(inspector.image_size)))
+
+
+def _load(inspector: Inspector, sample: Sample, size: int) -> np.ndarray:
+    """Decode as the line does: the pipeline's own ``decode`` when it has one (it follows the
+    bundle's decoding settings), else the shared decoder at the scoring size (what every
+    pipeline resizes to first, so the result is the same)."""
+    decode = getattr(inspector, "decode", None)
+    if callable(decode):
+        return decode(Path(sample.path).read_bytes(), str(sample.path))
+    return load_image(sample.path, size)
 
 
 def _map_at(result: InspectResult, size: int) -> np.ndarray:

@@ -94,6 +94,7 @@ def _operating_table(doc: dict) -> str:
     )
     conf = f"{100 * doc['confidence']:g}%"
     return (
+        f"{_calibration_note(doc)}"
         f"<table><tr><th class='l'>operating point</th><th>threshold</th><th>false rejects (good parts rejected), "
         f"{conf} CI</th><th>escapes (defects passed), {conf} CI</th></tr>{body}</table>"
         "<p class='note'>An image is rejected when its score is above the threshold. Intervals are "
@@ -101,6 +102,17 @@ def _operating_table(doc: dict) -> str:
         "escape rate is optimistic for new images; the bundle's threshold was calibrated on held-out good "
         "images only.</p>"
     )
+
+
+def _calibration_note(doc: dict) -> str:
+    """Say so when the calibration set is too small for its quantile: one image then sets the threshold."""
+    t = doc["bundle"]["threshold"]
+    q, n = t.get("quantile"), t.get("n_images")
+    if q is None or not n or n * (1.0 - q) >= 1.0:
+        return ""
+    return (f"<p class='note'>The bundle's threshold is the {q:g} quantile of {n} held-out good images' scores: "
+            f"with fewer than {round(1 / (1 - q))} images it lies between the two highest of them, so a single "
+            "unusual good image sets it.</p>")
 
 
 def _type_table(doc: dict) -> str:

@@ -34,15 +34,21 @@ CLIP_NAME = "ViT-B-16-plus-240"
 CLIP_TAG = "laion400m_e32"
 CATEGORY = "hazelnut"
 SHOTS = 2
-TRAIN_IMAGES = 6  # 2 shots + 4 held-out good images for the threshold and the parity check
+TRAIN_IMAGES = 5  # 2 shots + 3 held-out good images for the threshold and the parity check
 PERSONALIZE_STEPS = 2
+AUG_PER_SHOT = 4  # augmented views per shot in personalization's latent bank (the profile's: 32)
 LORA_RANK = 8
 LCM_RANK = 64  # the published LCM-LoRA's rank
 POOL_SIZE = 2
 RUNTIME_IMAGES = 3
 TAESD_REPEATS = 3
-STAGES = ("seed_hub", "personalize", "merge_lcm_lora", "export_fp32", "export_fp16", "runtime_fp32",
-          "runtime_fp16", "taesd")
+STAGES = ("seed_hub", "personalize", "merge_lcm_lora", "export_fp32", "runtime_fp32", "export_fp16", "runtime_fp16",
+          "taesd_latency", "export_taesd", "runtime_taesd")
+# the whole-bundle TAESD export repeats pool, reference and calibration (~20 min on a shared CPU):
+# optional; taesd_latency exports TAESD's two graphs and times them next to the full VAE's
+DEFAULT_STAGES = STAGES[:-2]
+# name -> (precision, VAE, generated pool size); the TAESD bundle is for the VAE's latency: no pool
+BUNDLES = {"fp32": ("fp32", None, POOL_SIZE), "fp16": ("fp16", None, POOL_SIZE), "taesd": ("fp32", TAESD_ID, 0)}
 # SD-1.5's published architectures (diffusers configs of stable-diffusion-v1-5).
 SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
@@ -166,8 +172,11 @@ def stage_personalize(work: Path, opts: dict) -> dict:
     from dataclasses import replace
 
     from o2n_edge.data import load_dataset, load_image, sample_shots
+    from o2n_edge.diffusion import personalize as personalize_mod
     from o2n_edge.diffusion.personalize import personalize
     from o2n_edge.profiles import get_profile
+
+    personalize_mod.AUG_PER_SHOT["sd15"] = AUG_PER_SHOT  # a dry run: a few views, not the profile's 32
 
     spec = replace(get_profile("sd15").diffusion, image_size=opts["size"], base_model=SD15_ID)
     ds = load_dataset(work / "data", "mvtec", CATEGORY)
@@ -175,6 +184,7 @@ def stage_personalize(work: Path, opts: dict) -> dict:
     run = work / "run"
     personalize(shots, CATEGORY, spec, run, steps=PERSONALIZE_STEPS, seed=0, progress=True, lora_rank=LORA_RANK)
     return {"steps": PERSONALIZE_STEPS, "lora_rank": LORA_RANK, "diffusion_size": spec.image_size,
+            "aug_per_shot": AUG_PER_SHOT,
             "output_bytes": _tree_bytes(run)}
 
 
@@ -188,17 +198,21 @@ def stage_merge_lcm_lora(work: Path, opts: dict) -> dict:
             "output_bytes": _tree_bytes(run / "student")}
 
 
-def _export(work: Path, precision: str) -> dict:
+def _export(work: Path, name: str) -> dict:
     from o2n_edge.export.build import ExportOptions, export_bundle
 
-    out = work / "bundles" / precision
+    precision, vae, pool = BUNDLES[name]
+    out = work / "bundles" / name
+    shutil.rmtree(out, ignore_errors=True)
+    # one work dir per precision: the TAESD bundle reuses the fp32 UNet and encoder graphs
     summary = export_bundle(ExportOptions(
         category=CATEGORY, out=out, profile="sd15", data=work / "data", shots=SHOTS, run_dir=work / "run",
-        precision=precision, pool_size=POOL_SIZE, work_dir=work / f"export_{precision}", force=True,
-        base_model=SD15_ID, encoder_checkpoint=CLIP_TAG, lcm_lora=LCM_ID))
+        precision=precision, pool_size=pool, work_dir=work / f"export_{precision}",
+        base_model=SD15_ID, encoder_checkpoint=CLIP_TAG, lcm_lora=LCM_ID, vae=vae))
     files = {f.name: f.stat().st_size for f in sorted(out.iterdir()) if f.is_file()}
-    return {"bundle": str(out), "wall_s_by_step": summary.wall_s, "parity": summary.parity, "files": files,
-            "external_data": {k: v.get("external_data", False) for k, v in summary.manifest["models"].items()},
+    return {"bundle": str(out), "precision": precision, "vae": summary.manifest.get("diffusion", {}).get("vae"),
+            "wall_s_by_step": summary.wall_s, "parity": summary.parity, "files": files,
+            "external_data": {k: (out / f"{k}.onnx.data").is_file() for k in summary.manifest["models"]},
             "student": summary.manifest.get("diffusion", {}).get("student"), "output_bytes": summary.bytes}
 
 
@@ -210,13 +224,17 @@ def stage_export_fp16(work: Path, opts: dict) -> dict:
     return _export(work, "fp16")
 
 
-def _runtime(work: Path, precision: str, threads: int) -> dict:
+def stage_export_taesd(work: Path, opts: dict) -> dict:
+    return _export(work, "taesd")
+
+
+def _runtime(work: Path, name: str, threads: int) -> dict:
     import numpy as np
 
     from o2n_edge.data import load_dataset, load_image
     from o2n_edge.runtime.pipeline import OrtPipeline, SessionOptions
 
-    bundle = work / "bundles" / precision
+    bundle = work / "bundles" / name
     cli = subprocess.run([str(Path(sys.executable).parent / "o2n-edge"), "inspect", str(bundle)], capture_output=True,
                          text=True, check=False)
     t = time.perf_counter()
@@ -232,12 +250,14 @@ def _runtime(work: Path, precision: str, threads: int) -> dict:
     scores = [float(r.score) for r in results]
     out: dict[str, Any] = {"inspect_cli_rc": cli.returncode, "inspect_cli_head": cli.stdout.splitlines()[:6],
                            "load_s": round(load_s, 2), "images": [x.path.name for x in ds.test[:RUNTIME_IMAGES]],
+                           "images_paths": [str(x.path.relative_to(work / "data")) for x in ds.test[:RUNTIME_IMAGES]],
                            "scores": scores, "finite": bool(np.isfinite(scores).all()),
                            "per_image_s": [round(w, 2) for w in walls],
-                           "timings_ms_last": {k: round(v, 1) for k, v in results[-1].timings_ms.items()},
+                           "timings_ms_median": {k: round(float(np.median([r.timings_ms[k] for r in results])), 1)
+                                                 for k in results[0].timings_ms},
                            "scoring_size": pipe.image_size, "diffusion_size": pipe.diffusion_size,
                            "threads": threads, "providers": pipe.providers, "output_bytes": 0}
-    if precision == "fp16" and (work / "stages" / "runtime_fp32.json").is_file():
+    if name != "fp32" and (work / "stages" / "runtime_fp32.json").is_file():
         ref = json.loads((work / "stages" / "runtime_fp32.json").read_text())["info"]["scores"]
         out["max_abs_vs_fp32"] = float(np.max(np.abs(np.array(scores) - np.array(ref))))
     return out
@@ -251,11 +271,57 @@ def stage_runtime_fp16(work: Path, opts: dict) -> dict:
     return _runtime(work, "fp16", opts["threads"])
 
 
-def stage_taesd(work: Path, opts: dict) -> dict:
-    """Latency of TAESD vs the full SD VAE, both exported to ONNX and run on ORT's CPU provider."""
-    from o2n_edge.bench.vae_latency import vae_latency
+def stage_runtime_taesd(work: Path, opts: dict) -> dict:
+    return _runtime(work, "taesd", opts["threads"])
 
-    return vae_latency(work, SD15_ID, TAESD_ID, opts["size"], opts["threads"], TAESD_REPEATS)
+
+def _ort_median_ms(path: Path, feed: dict, threads: int, repeats: int) -> float:
+    import numpy as np
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    sess.run(None, feed)  # warm-up
+    walls = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        sess.run(None, feed)
+        walls.append((time.perf_counter() - t) * 1000)
+    return float(np.median(walls))
+
+
+def stage_taesd_latency(work: Path, opts: dict) -> dict:
+    """TAESD (from its hub id, exported by the project's specs) next to the fp32 bundle's full-VAE graphs."""
+    import numpy as np
+
+    from o2n_edge.diffusion.taesd import load_taesd
+    from o2n_edge.export.onnx_export import export_onnx
+    from o2n_edge.export.specs import vae_decoder_spec, vae_encoder_spec
+
+    size, threads = opts["size"], opts["threads"]
+    vae = load_taesd(TAESD_ID)
+    lat = size // 2 ** (len(vae.config.block_out_channels) - 1)
+    out = work / "taesd_graphs"
+    full = work / "bundles" / "fp32"
+    rng = np.random.default_rng(0)
+    pixels = {"pixels": (rng.random((1, 3, size, size), dtype=np.float32) * 2 - 1)}
+    latent = {"latent": rng.standard_normal((1, 4, lat, lat), dtype=np.float32)}
+    graphs = {}
+    for half, spec in (("encoder", vae_encoder_spec(vae, size, name="taesd_encoder")),
+                       ("decoder", vae_decoder_spec(vae, lat, name="taesd_decoder"))):
+        rep = export_onnx(spec.wrap(vae).float(), spec, out / f"taesd_{half}.onnx", "fp32")
+        graphs[f"taesd_{half}"] = (out / f"taesd_{half}.onnx", rep.bytes)
+    for half in ("encoder", "decoder"):
+        f = full / f"vae_{half}.onnx"
+        graphs[f"full_{half}"] = (f, _tree_bytes(f) + (_tree_bytes(f.with_name(f.name + ".data"))
+                                                       if f.with_name(f.name + ".data").is_file() else 0))
+    latency = {}
+    for name, (path, nbytes) in graphs.items():
+        feed = pixels if name.endswith("encoder") else latent
+        latency[name] = {"median_ms": round(_ort_median_ms(path, feed, threads, TAESD_REPEATS), 1), "bytes": int(nbytes)}
+    return {"latency": latency, "size": size, "repeats": TAESD_REPEATS, "threads": threads,
+            "params": {"taesd": int(sum(p.numel() for p in vae.parameters()))}, "output_bytes": _tree_bytes(out)}
 
 
 def run_stage(name: str, work: Path, opts: dict) -> None:

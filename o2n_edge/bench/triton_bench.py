@@ -5,9 +5,9 @@ Both servers run as their own processes on 127.0.0.1 and score the same real JPE
 inference worker (its default) and its results log, Triton with the repository's self-contained
 Python-backend model (one instance, dynamic batching up to ``max_batch``), since the PyPI
 tritonserver has no onnxruntime backend. Both run ONNX Runtime with the same intra-op thread
-count. For each client count the phases run back to back (serve, Triton HTTP, Triton gRPC), so
-load drift on a shared host lands between them; the machine's load average is recorded at start
-and end. Triton's own statistics give the mean batch it formed (inferences / executions). Every
+count. For each client count the paths alternate in 3 rounds (serve, Triton HTTP, Triton gRPC, again, again), so load
+drift on a shared host hits all three; req/s = requests / wall summed over the rounds (each
+round's req/s is in the JSON); the machine's load average is recorded at start and end. Triton's own statistics give the mean batch it formed (inferences / executions). Every
 answer's score is checked against `serve`'s for the same image. Loopback only; every phase is
 bounded by a request count and a time limit.
 """
@@ -30,7 +30,8 @@ import numpy as np
 from o2n_edge.bench.env import load_average, percentiles
 
 CLIENTS = (1, 4, 8)
-REQUESTS = {1: 60, 4: 25, 8: 15}  # per client
+REQUESTS = {1: 60, 4: 24, 8: 15}  # per client, split over the rounds
+ROUNDS = 3
 PHASE_TIME_LIMIT_S = 90.0
 WARMUP = 5
 MAX_BATCH = 8
@@ -81,7 +82,17 @@ class _Serve:
         self.log.close()
 
 
-def _phase(work: Callable[[int, int], float], clients: int, per_client: int) -> tuple[dict[str, Any], list[tuple[int, float]]]:
+def _merge(clients: int, parts: list[tuple[dict[str, Any], list[float]]]) -> dict[str, Any]:
+    """The rounds of one path as one phase: all latencies, total requests over total wall."""
+    lat = [x for _, part in parts for x in part]
+    wall = sum(stats["wall_s"] for stats, _ in parts)
+    rounds = [stats["requests_per_s"] for stats, _ in parts]
+    return {"clients": clients, "requests": len(lat), "wall_s": round(wall, 2),
+            "requests_per_s": round(len(lat) / wall, 3) if wall else None, "latency_ms": percentiles(lat),
+            "rounds_requests_per_s": rounds}
+
+
+def _phase(work: Callable[[int, int], float], clients: int, per_client: int) -> tuple[dict[str, Any], list[tuple[int, float]], list[float]]:
     """``clients`` threads each calling ``work(client, i)`` ``per_client`` times; returns stats + scores."""
     lat: list[float] = []
     scores: list[tuple[int, float]] = []
@@ -104,8 +115,8 @@ def _phase(work: Callable[[int, int], float], clients: int, per_client: int) -> 
         list(ex.map(client, range(clients)))
     wall = time.perf_counter() - t0
     p = percentiles(lat)
-    return ({"clients": clients, "requests": len(lat), "wall_s": round(wall, 2),
-             "requests_per_s": round(len(lat) / wall, 3), "latency_ms": p}, scores)
+    return ({"clients": clients, "requests": len(lat), "wall_s": round(wall, 4),
+             "requests_per_s": round(len(lat) / wall, 3), "latency_ms": p}, scores, lat)
 
 
 def _triton_counts(url: str) -> tuple[int, int]:
@@ -175,21 +186,31 @@ def bench_triton(bundle: Path, threads: int, jpegs: list[bytes], clients: tuple[
                     fn(0, i)
             for c in clients:
                 row: dict[str, Any] = {"clients": c}
-                for name, fn in paths.items():
-                    before = _triton_counts(triton.http_url) if name != "serve" else None
-                    stats, scores = _phase(fn, c, requests.get(c, 10))
-                    for idx, s in scores:
-                        mismatches.append(abs(s - reference[idx % len(jpegs)]))
-                    if before is not None:
-                        inf, exe = _triton_counts(triton.http_url)
-                        stats["triton_mean_batch"] = round((inf - before[0]) / max(1, exe - before[1]), 3)
+                per_round = max(1, requests.get(c, 10) // ROUNDS)
+                parts: dict[str, list[tuple[dict[str, Any], list[float]]]] = {name: [] for name in paths}
+                batches = {name: [0, 0] for name in paths}
+                for _ in range(ROUNDS):  # rounds alternate the paths: drift hits all of them
+                    for name, fn in paths.items():
+                        before = _triton_counts(triton.http_url) if name != "serve" else None
+                        stats, scores, lat = _phase(fn, c, per_round)
+                        for idx, s in scores:
+                            mismatches.append(abs(s - reference[idx % len(jpegs)]))
+                        if before is not None:
+                            inf, exe = _triton_counts(triton.http_url)
+                            batches[name][0] += inf - before[0]
+                            batches[name][1] += exe - before[1]
+                        parts[name].append((stats, lat))
+                for name in paths:
+                    stats = _merge(c, parts[name])
+                    if name != "serve":
+                        stats["triton_mean_batch"] = round(batches[name][0] / max(1, batches[name][1]), 3)
                     row[name] = stats
                 row["triton_http_vs_serve_req_s"] = round(row["triton_http"]["requests_per_s"] / row["serve"]["requests_per_s"], 3)
                 rows.append(row)
     return {"kind": "triton_vs_serve", "bundle": str(bundle), "profile": manifest.get("profile"),
             "branches": manifest.get("scoring", {}).get("branches"), "bundle_hash": manifest["manifest_sha256"],
             "images": len(jpegs), "threads": threads, "max_batch": max_batch, "queue_delay_us": queue_delay_us,
-            "serve_workers": 1, "triton_instances": 1, "requests_per_client": {str(k): v for k, v in requests.items()},
+            "serve_workers": 1, "triton_instances": 1, "rounds": ROUNDS, "requests_per_client": {str(k): v for k, v in requests.items()},
             "phase_time_limit_s": PHASE_TIME_LIMIT_S, "rows": rows,
             "max_abs_score_diff_vs_serve": float(max(mismatches)) if mismatches else None,
             "scores_agree": bool(mismatches) and max(mismatches) <= SCORE_ATOL,
@@ -201,7 +222,8 @@ def triton_markdown(doc: dict[str, Any]) -> str:
     from o2n_edge.bench.report import stamp_lines
 
     lines = [f"# {doc['name']}", "", *stamp_lines(doc["machine"]), "", f"`uptime` at start: {doc.get('uptime_start', '')}",
-             f"`uptime` at end: {doc.get('uptime_end', '')}", "", doc.get("note", ""), ""]
+             f"`uptime` at end: {doc.get('uptime_end', '')}", "", f"Command: `{doc.get('command', '')}`", "",
+             doc.get("note", ""), ""]
     r = doc["result"]
     lines += [f"Bundle `{r['bundle']}` ({r['profile']}, branches {', '.join(r['branches'] or [])}, "
               f"{r['images']} test images), ONNX Runtime intra-op threads {r['threads']}; Triton: self-contained "
@@ -216,4 +238,9 @@ def triton_markdown(doc: dict[str, Any]) -> str:
             lines.append(f"| {row['clients']} | {path} | {x['requests']} | {x['requests_per_s']:.2f} | {p['p50']:.1f} | "
                          f"{p['p99']:.1f} | {p['mean']:.1f} | {x.get('triton_mean_batch', '')} |")
         lines.append(f"| {row['clients']} | Triton HTTP / serve | | {row['triton_http_vs_serve_req_s']:.2f}x | | | | |")
+    lines += ["", "req/s of each round (serve / Triton HTTP / Triton gRPC), the spread the load causes:", ""]
+    for row in r["rows"]:
+        spread = " / ".join(", ".join(f"{v:.1f}" for v in row[p]["rounds_requests_per_s"])
+                            for p in ("serve", "triton_http", "triton_grpc"))
+        lines.append(f"- {row['clients']} clients: {spread}")
     return "\n".join(lines) + "\n"

@@ -40,6 +40,7 @@ def export_cmd(
     encoder_checkpoint: Optional[str] = typer.Option(None, "--encoder-checkpoint", envvar="O2N_CLIP", help="sd15: open_clip weights: a local file/dir, a pretrained tag of the profile's model (e.g. laion400m_e32) or hf-hub:org/name (default: $O2N_CLIP)."),
     lcm_lora: Optional[str] = typer.Option(None, "--lcm-lora", help="sd15: LCM-LoRA merged with the personalization LoRA, a local file or hub id (default: latent-consistency/lcm-lora-sdv1-5); 'none' distils by LCD instead."),
     lcm_lora_scale: float = typer.Option(1.0, "--lcm-lora-scale", help="sd15: weight of the LCM-LoRA in the merge."),
+    vae: str = typer.Option("full", "--vae", help="sd15: the transform's VAE: 'full' (the checkpoint's AutoencoderKL) or TAESD, a diffusers AutoencoderTiny dir or hub id (madebyollin/taesd)."),
     personalize_steps: Optional[int] = typer.Option(None, "--personalize-steps", help="Personalization steps when no --run is given (default: the profile's)."),
     distill_steps: Optional[int] = typer.Option(None, "--distill-steps", help="Distillation steps when no --run is given (default: the profile's)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress on stderr."),
@@ -61,7 +62,7 @@ def export_cmd(
             personalize_steps=personalize_steps, distill_steps=distill_steps, base_model=base_model,
             encoder_checkpoint=encoder_checkpoint,
             lcm_lora=None if lcm_lora is None else ("" if lcm_lora.lower() in ("none", "") else lcm_lora),
-            lcm_lora_scale=lcm_lora_scale))
+            lcm_lora_scale=lcm_lora_scale, vae=vae))
     except typer.Exit:
         raise
     except (FileExistsError, *USER_ERRORS) as exc:
@@ -137,6 +138,7 @@ def inspect_cmd(
         "branches": m.get("scoring", {}).get("branches"), "threshold": m.get("threshold", {}).get("value"),
         "steps": m.get("steps"), "steps_run": m.get("steps_run"), "strength": m.get("strength"),
         "shots": m.get("shots"), "memory_bank": m.get("memory_bank"),
+        "student": m.get("diffusion", {}).get("student"), "vae": m.get("diffusion", {}).get("vae"),
         "models": {k: {"precision": v.get("precision"), "inputs": v.get("inputs"), "outputs": v.get("outputs"),
                        "validation": v.get("validation")} for k, v in m.get("models", {}).items()},
         "files": {k: {"bytes": v.get("bytes"), "sha256": v.get("sha256")} for k, v in files.items()},
@@ -155,7 +157,8 @@ def inspect_cmd(
         for p in problems:
             c.print(f"  [red]- {p}[/]")
         for key in ("profile", "category", "precision", "image_size", "diffusion_image_size", "branches",
-                    "threshold", "steps", "steps_run", "strength", "shots", "memory_bank", "settings"):
+                    "threshold", "steps", "steps_run", "strength", "student", "vae", "shots", "memory_bank",
+                    "settings"):
             if info[key] is not None:
                 c.print(f"  {key}: {info[key]}")
         table = Table(title="files")

@@ -156,12 +156,9 @@ class _InspectBase:
             pb.Tensor(OUT_THRESHOLD, np.array([[r.threshold] for r in results], np.float32)),
             pb.Tensor(OUT_MAP, maps),
         ]
-        try:  # response parameters: newer Python backends only
-            return pb.InferenceResponse(
-                output_tensors=tensors, parameters={PARAM_BUNDLE_HASH: self.bundle_hash}
-            )
-        except TypeError:
-            return pb.InferenceResponse(output_tensors=tensors)
+        # The bundle hash is the model config's parameter `bundle_hash`. Response parameters were
+        # tried and did not reach clients from this wheel's Python backend, so none are sent.
+        return pb.InferenceResponse(output_tensors=tensors)
 
     def _error(self, message: str, invalid: bool) -> Any:
         pb = self.pb
