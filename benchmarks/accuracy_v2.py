@@ -96,6 +96,7 @@ def main() -> None:
     ap.add_argument("--shots", default="1,2,4")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--fixed", action="store_true", help="the profile's fixed encoder, no self-tuning")
+    ap.add_argument("--stats-weight", type=float, default=None, help="with --fixed: the global branch's weight")
     ap.add_argument("--merge", default=None,
                     help="comma list of result names whose .runs.jsonl are combined into --name (no runs)")
     args = ap.parse_args()
@@ -107,7 +108,10 @@ def main() -> None:
     profile = get_profile("lite")
     if args.fixed:
         profile = replace(profile, self_tune=())
-    variant = "shots-only, fixed" if args.fixed else "shots-only, self-tuned"
+        if args.stats_weight is not None:
+            profile = replace(profile, stats_weight=args.stats_weight)
+    variant = (f"shots-only, fixed (statistics weight {profile.stats_weight:g})" if args.fixed
+               else "shots-only, self-tuned")
     RESULTS.mkdir(parents=True, exist_ok=True)
     jsonl = RESULTS / f"{args.name}.runs.jsonl"
     records = [json.loads(x) for x in jsonl.read_text().splitlines()] if jsonl.exists() else []
