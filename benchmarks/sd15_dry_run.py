@@ -29,7 +29,7 @@ def _table(doc: dict) -> str:
     lines = [
         "# sd15 dry run at real size (CPU, seeded random weights, offline hub cache)",
         "",
-        f"Command: `{doc['command']}`. Diffusion size {doc['size']} px, scoring size 240 px (ViT-B-16-plus-240), "
+        "Commands (in this order, one work folder): " + ", ".join(f"`{c}`" for c in doc["commands"]) + ". Diffusion size {doc['size']} px, scoring size 240 px (ViT-B-16-plus-240), "
         f"{doc['threads']} thread(s); machine: {doc['machine']['cpu']} ({doc['machine']['cores']} usable cores, "
         f"shared with other work: load average at start {doc['machine']['load_average_start']}). "
         "Random weights: scores are meaningless, "
@@ -64,10 +64,14 @@ def _table(doc: dict) -> str:
                 note += f"; max |score - fp32 bundle's| {info['max_abs_vs_fp32']:.3g}"
         elif name == "taesd_latency":
             note = "; ".join(f"{k} {v['median_ms']:.0f} ms ({v['bytes'] / 1e6:.0f} MB)" for k, v in info["latency"].items())
+        elif name == "lcm_lora_keys":
+            note = (f"{info['converted_unet_modules']} of {info['file_modules']} modules of the kohya-style file "
+                    f"({info['file_bytes'] / 1e6:.0f} MB, rank {info['rank']}) mapped onto the UNet by diffusers")
         elif name == "merge_lcm_lora":
             note = f"{info['method']} ({info['lcm_lora']}, rank {info['lcm_lora_rank']}, kohya-style keys)"
         elif name == "personalize":
-            note = f"{info['steps']} LoRA steps, rank {info['lora_rank']}"
+            note = (f"{info['steps']} LoRA steps, rank {info['lora_rank']}, "
+                    f"{info.get('aug_per_shot', '?')} augmented views per shot (the profile: 32)")
         lines.append(f"| {name} | {s['wall_s']:.1f} | {s['peak_rss_bytes'] / GIB:.2f} | "
                      f"{s['output_bytes'] / 1e6:.0f} MB | {note} |")
     lines += _vae_table(doc) + _taesd_table(doc)
@@ -120,7 +124,9 @@ def collect(work: Path, command: str, size: int, threads: int) -> dict:
             stages[name] = json.loads(f.read_text())
         elif err.is_file():
             stages[name] = json.loads(err.read_text())
-    return {"command": command, "size": size, "threads": threads, "machine": machine_stamp(threads), "stages": stages}
+    log = work / "commands.txt"
+    commands = log.read_text().splitlines() if log.is_file() else [command]
+    return {"command": command, "commands": commands, "size": size, "threads": threads, "machine": machine_stamp(threads), "stages": stages}
 
 
 def main() -> None:
@@ -131,6 +137,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--stages", default=",".join(DEFAULT_STAGES), help=f"comma list from {', '.join(STAGES)}")
     p.add_argument("--redo", action="store_true", help="rerun stages that already finished")
+    p.add_argument("--report", action="store_true", help="only rewrite the results from the finished stages")
     p.add_argument("--stage", help=argparse.SUPPRESS)  # internal: run one stage in this process
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args()
@@ -139,9 +146,12 @@ def main() -> None:
     if a.stage:
         run_stage(a.stage, work, opts)
         return
-    command = "python -m benchmarks.sd15_dry_run " + " ".join(sys.argv[1:])
+    command = " ".join(["python -m benchmarks.sd15_dry_run", *sys.argv[1:]])
     (work / "logs").mkdir(parents=True, exist_ok=True)
-    for name in [s.strip() for s in a.stages.split(",") if s.strip()]:
+    if not a.report:
+        with open(work / "commands.txt", "a") as log:
+            log.write(command + "\n")
+    for name in [] if a.report else [s.strip() for s in a.stages.split(",") if s.strip()]:
         if name not in STAGES:
             sys.exit(f"unknown stage {name!r}: choose from {', '.join(STAGES)}")
         done = work / "stages" / f"{name}.json"

@@ -166,7 +166,11 @@ class BundleWriter:
                     f"{src} has external data {data.name}: add it under its own name "
                     f"({src.name}), the graph refers to its data file by name"
                 )
-            (shutil.move if move else shutil.copy2)(str(data), str(self.path(name + ".data")))
+            staged = self.path(name + ".data")
+            (shutil.move if move else shutil.copy2)(str(data), str(staged))
+            # onnx writes external data owner-only (0600, seen on the real-size UNet): a bundle is read
+            # by the serving user or a container, so it gets the graph's own permissions
+            staged.chmod(target.stat().st_mode & 0o777)
         return target
 
     def add_array(self, name: str, array: np.ndarray) -> Path:

@@ -228,6 +228,9 @@ def _save(model: Any, path: Path, threshold: int) -> bool:
     return external
 
 
+PROTOBUF_LIMIT = 2**31 - 1  # bytes one serialized ModelProto can hold
+
+
 def _simplify(model: Any) -> tuple[Any, str | None]:
     """onnxslim pass; on any failure keep the unsimplified graph and say why."""
     try:
@@ -340,7 +343,12 @@ def _export_in(
             torch.onnx.export(wrapper, args, str(raw), **kwargs)
     model = onnx.load(str(raw))  # pulls in external data if the exporter wrote any
     simplified, simplify_error = False, None
-    if simplify:
+    if simplify and _initializer_bytes(model) > PROTOBUF_LIMIT:
+        # onnxslim serializes the whole proto, which fails past 2 GB (an SD-1.5 UNet is 3.4 GB in
+        # fp32: seen in the real-size dry run) after minutes and GBs of copies: skip it up front
+        simplify_error = f"skipped: {_initializer_bytes(model) / 1e9:.1f} GB of weights > the 2 GB protobuf limit"
+        log.info("onnxslim %s", simplify_error)
+    elif simplify:
         model, simplify_error = _simplify(model)
         simplified = simplify_error is None
     fp16_info: dict[str, Any] = {}

@@ -31,6 +31,7 @@ def _write(out: Path, force: bool = False) -> Path:
     src.mkdir(exist_ok=True)
     (src / "unet.onnx").write_bytes(b"not really onnx" * 10)
     (src / "unet.onnx.data").write_bytes(os.urandom(300))
+    (src / "unet.onnx.data").chmod(0o600)  # as onnx writes it
     (src / "image_encoder.onnx").write_bytes(b"graph-bytes")
     with BundleWriter(out, force=force) as w:
         w.add_file("unet.onnx", src / "unet.onnx")  # brings unet.onnx.data along
@@ -58,6 +59,7 @@ def test_write_and_load(bundle: Path) -> None:
     b = load_bundle(bundle)
     m = b.manifest
     assert m["schema_version"] == SCHEMA_VERSION
+    assert (bundle / "unet.onnx.data").stat().st_mode & 0o777 == (bundle / "unet.onnx").stat().st_mode & 0o777
     assert set(m["files"]) == {"unet.onnx", "unet.onnx.data", "image_encoder.onnx",
                                "prompt_embeds.npy", "memory_bank.npy", "extra/notes.json"}
     assert m["threshold"]["value"] == 0.5

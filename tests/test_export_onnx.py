@@ -360,3 +360,15 @@ def test_external_data_and_simplify_failure(encoder, tmp_path: Path, monkeypatch
     assert "image_encoder.onnx.data" in b.manifest["files"]
     sess = ort.InferenceSession(str(b.model_path("image_encoder")), providers=["CPUExecutionProvider"])
     assert sess.run(None, {"pixels": np.zeros((2, 3, IMAGE, IMAGE), np.float32)})[1].shape == (2, 8)
+
+
+def test_graphs_past_the_protobuf_limit_skip_onnxslim(encoder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """onnxslim serializes the whole proto: past 2 GB it fails after minutes (the real-size dry run's
+    UNet), so such graphs skip it up front and say why. Here the limit is lowered to the tiny graph."""
+    from o2n_edge.export import onnx_export
+
+    monkeypatch.setattr(onnx_export, "PROTOBUF_LIMIT", 1000)
+    monkeypatch.setattr(onnx_export, "_simplify", lambda m: pytest.fail("onnxslim must not run"))
+    spec = image_encoder_spec(encoder)
+    rep = export_onnx(spec.wrap(encoder), spec, tmp_path / "image_encoder.onnx", "fp32", check=False)
+    assert not rep.simplified and rep.simplify_error.startswith("skipped:")

@@ -95,3 +95,39 @@ def test_tensorrt_ep_caches_engines_beside_the_bundle(tiny) -> None:
     cache = bundles["fp16"] / "engines" / "ort-trt"
     assert any(cache.iterdir()), "the TensorRT EP wrote no engine/timing cache"
     np.testing.assert_allclose(trt, cpu, atol=5e-2)
+
+
+def test_gpu_check_reports_cpu_fallback_as_failure(tiny_fp32, tmp_path: Path) -> None:
+    """The check itself, where no GPU is: every GPU backend is reported as NOT on its provider (exit 1),
+    nothing is silently counted as a pass."""
+    if gpu_info() is not None:
+        pytest.skip("a GPU is visible here: gpu_check.sh runs the real thing")
+    import json
+
+    from o2n_edge.bench.gpu_check import BACKENDS, run_check
+
+    bundle, data, rels = tiny_fp32
+    from o2n_edge.data import load_image
+    from o2n_edge.runtime.pipeline import OrtPipeline
+
+    scores = [float(OrtPipeline(bundle).inspect(load_image(data / r)).score) for r in rels]
+    stage = tmp_path / "runtime_fp32.json"
+    stage.write_text(json.dumps({"info": {"images_paths": rels, "scores": scores}}))
+    assert run_check(bundle, stage, data, tmp_path / "out") == 1
+    doc = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert not doc["ok"] and not doc["checks"]["build_engines"]["ok"]
+    for backend in BACKENDS:
+        assert doc["checks"][backend]["ok"] is False and "error" in doc["checks"][backend], backend
+    assert "| cuda | NO |" in (tmp_path / "out" / "gpu_check.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def tiny_fp32(shared_data: Path, tmp_path_factory: pytest.TempPathFactory):
+    pytest.importorskip("torch")
+    from o2n_edge.export.build import ExportOptions, export_bundle
+
+    root = tmp_path_factory.mktemp("gpucheck")
+    bundle = export_bundle(ExportOptions(
+        category="hazelnut", out=root / "b", profile="tiny", data=shared_data / "hazelnut_toy", shots=1,
+        runs_dir=root / "runs", pool_size=1, personalize_steps=2, distill_steps=1, progress=False)).bundle
+    return bundle, shared_data / "hazelnut_toy", ["hazelnut/test/good/04.jpg", "hazelnut/test/colour/00.jpg"]

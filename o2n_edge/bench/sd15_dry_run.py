@@ -43,7 +43,7 @@ POOL_SIZE = 2
 RUNTIME_IMAGES = 3
 TAESD_REPEATS = 3
 STAGES = ("seed_hub", "personalize", "merge_lcm_lora", "export_fp32", "runtime_fp32", "export_fp16", "runtime_fp16",
-          "taesd_latency", "export_taesd", "runtime_taesd")
+          "taesd_latency", "lcm_lora_keys", "export_taesd", "runtime_taesd")
 # the whole-bundle TAESD export repeats pool, reference and calibration (~20 min on a shared CPU):
 # optional; taesd_latency exports TAESD's two graphs and times them next to the full VAE's
 DEFAULT_STAGES = STAGES[:-2]
@@ -322,6 +322,22 @@ def stage_taesd_latency(work: Path, opts: dict) -> dict:
         latency[name] = {"median_ms": round(_ort_median_ms(path, feed, threads, TAESD_REPEATS), 1), "bytes": int(nbytes)}
     return {"latency": latency, "size": size, "repeats": TAESD_REPEATS, "threads": threads,
             "params": {"taesd": int(sum(p.numel() for p in vae.parameters()))}, "output_bytes": _tree_bytes(out)}
+
+
+def stage_lcm_lora_keys(work: Path, opts: dict) -> dict:
+    """How many of the LCM-LoRA file's modules diffusers' kohya-key conversion maps onto the UNet."""
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers
+    from safetensors.torch import load_file
+
+    from o2n_edge.hub import resolve_lora
+
+    f = resolve_lora(LCM_ID)
+    sd = load_file(str(f))
+    modules = {k.rsplit(".lora_down", 1)[0] for k in sd if ".lora_down" in k}
+    converted, _ = _convert_non_diffusers_lora_to_diffusers(dict(sd))
+    unet = [k for k in converted if k.startswith("unet.") and ("lora_A" in k or "lora.down" in k)]
+    return {"file_modules": len(modules), "converted_unet_modules": len(unet), "file_bytes": f.stat().st_size,
+            "rank": LCM_RANK, "output_bytes": 0}
 
 
 def run_stage(name: str, work: Path, opts: dict) -> None:
