@@ -114,9 +114,24 @@ def export_bundle(opts: ExportOptions) -> ExportSummary:
     ds = load_dataset(opts.data, opts.dataset, opts.category)
     shot_paths = sample_shots(ds.train_good, opts.shots, opts.seed)
     calib_paths = calibration_images(ds, shot_paths)
+    tuning = None
+    if profile.self_tune:
+        from o2n_edge.tuning import Candidate, pseudo_validate
+
+        t = time.perf_counter()
+        candidates = [Candidate(**c) if isinstance(c, dict) else c for c in profile.self_tune]
+        _say(opts.progress, f"self-tuning on the shots alone ({len(candidates)} candidate settings)")
+        tuning = pseudo_validate([load_image(p) for p in shot_paths], candidates, profile, seed=opts.seed,
+                                 progress=opts.progress)
+        chosen = next(c for c in candidates if c.name == tuning["chosen"]["name"])
+        profile = chosen.apply(profile)
+        config = ScoringConfig.from_profile(profile, branches)
+        _say(opts.progress, f"chosen: {chosen.name} (pseudo-validation AUROC {100 * tuning['pseudo_auroc']:.1f})")
+        walls["self_tune"] = round(time.perf_counter() - t, 2)
     encoder = build_encoder(profile.encoder)
-    size = encoder.image_size
-    shot_imgs = [load_image(p, size) for p in shot_paths]
+    size = encoder.input_size
+    draft = bool(profile.jpeg_draft)
+    shot_imgs = [load_image(p, size, draft) for p in shot_paths]
 
     # --pool-size 0 is the shots-only bank: no diffusion model needed (0 must not fall back to the default)
     n_pool_wanted = profile.diffusion.pool_size if opts.pool_size is None else opts.pool_size
@@ -203,7 +218,7 @@ def export_bundle(opts: ExportOptions) -> ExportSummary:
     # -- threshold on held-out good images (torch reference) ---------------------------------
     t = time.perf_counter()
     _say(opts.progress, f"calibrating the threshold on {len(calib_paths)} held-out good images")
-    calib_imgs = [load_image(p, size) for p in calib_paths]
+    calib_imgs = [load_image(p, size, draft) for p in calib_paths]
     calib_feats = encode_images(encoder, calib_imgs)
     calib_normal = encode_images(encoder, normal_of(np.stack(calib_imgs))) if normal_of else None
     calib_scores = score(calib_feats, reference, config, calib_normal).scores
@@ -222,6 +237,7 @@ def export_bundle(opts: ExportOptions) -> ExportSummary:
         "category": ds.category,
         "dataset": ds.name,
         "image_size": size,
+        "decode": {"jpeg_draft": draft},
         "precision": opts.precision,
         "shots": {"images": [p.name for p in shot_paths], "seed": opts.seed, "k": opts.shots},
         "encoder": encoder.describe(),
@@ -235,6 +251,8 @@ def export_bundle(opts: ExportOptions) -> ExportSummary:
                       "images": [p.name for p in calib_paths]},
         "models": {name: rep.manifest_entry() for name, (rep, _) in models.items()},
     }
+    if tuning is not None:
+        manifest["tuning"] = tuning
     if run is not None and "personalized" in branches:
         from o2n_edge.diffusion import transform_noise, transform_plan
         from o2n_edge.diffusion.taesd import vae_record
@@ -267,6 +285,9 @@ def export_bundle(opts: ExportOptions) -> ExportSummary:
         w.add_array("global_bank", reference.global_bank.astype(np.float32))
         if reference.text_features is not None:
             w.add_array("text_features", reference.text_features.astype(np.float32))
+        if config.stats_weight > 0:
+            w.add_array("stats_bank", reference.stats_bank.astype(np.float32))
+            w.add_array("stats_scale", reference.stats_scale.astype(np.float32))
         if run is not None and "personalized" in branches:
             w.add_array("prompt_embeds", run.prompt_embeds.detach().float().cpu().numpy())
             w.add_array("transform_noise", noises)

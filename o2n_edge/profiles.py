@@ -17,11 +17,26 @@ BRANCHES = ("personalized", "pool", "text")
 class EncoderSpec:
     """The vision (and optionally text) encoder used for scoring."""
 
-    kind: str  # "open_clip" | "efficientnet_lite0"
-    image_size: int  # square input side in pixels
+    kind: str  # "open_clip" | "efficientnet_lite0" | "efficientnet_lite1" | "efficientnet_lite2"
+    image_size: int  # square input side of the encoder in pixels (one tile's side when tiled)
     model_name: str = ""  # open_clip model name, or a tiny built-in config name
     checkpoint: str = ""  # local checkpoint path ("" = seeded init for tiny / bundled weights)
     seed: int = 0
+    # EfficientNet-Lite only: backbone stages concatenated into patch features (() = the
+    # encoder's default) and the PatchCore neighbourhood-aggregation kernel.
+    layers: tuple[int, ...] = ()
+    aggregation: int = 3
+    # Overlapping tiles per side (1 = the whole image at ``image_size``) and their overlap: a
+    # large image is resized to o2n_edge.data.tiling's ``side`` and cut into tiles of image_size.
+    tiles: int = 1
+    tile_overlap: float = 0.25
+
+    @property
+    def input_size(self) -> int:
+        """Side (pixels) every image is resized to before encoding: the scoring map's side."""
+        from o2n_edge.data.tiling import tile_layout
+
+        return tile_layout(self.image_size, self.tiles, self.tile_overlap).side
 
 
 @dataclass(frozen=True)
@@ -58,6 +73,13 @@ class Profile:
     topk_fraction: float = 0.01  # image score = mean of the top 1% of the fused map
     global_weight: float = 0.5  # weight of the global-feature score in the image score
     smoothing_sigma: float = 4.0  # gaussian sigma (pixels at image size) for anomaly maps
+    stats_weight: float = 0.0  # global statistics branch (scoring.feature_stats); 0 = off
+    # Decode JPEGs at a reduced DCT scale that still covers the scoring size (PIL draft mode);
+    # recorded in the bundle so the runtime decodes exactly as the export did.
+    jpeg_draft: bool = False
+    # Self-tuning (o2n_edge.tuning): the settings a category may choose from, by leave-one-shot-out
+    # pseudo-validation on the shots with synthetic defects; () = the fixed encoder above.
+    self_tune: tuple = ()
     prompt_template: str = "a photo of sks {category}"
     # Export default: keep this fraction of the memory bank (greedy k-center); None = the whole
     # bank up to export.build.MAX_BANK_ROWS. lite uses 0.1: measured on hazelnut, tire and
@@ -82,6 +104,17 @@ class Profile:
         return self.default_branch_names or self.branches
 
 
+# What the lite profile's self-tuning chooses from per category (o2n_edge.tuning.Candidate fields),
+# cheapest first. Narrowed by benchmarks/results/feature_sweep_pilot*.md (tire and textile, 4 shots,
+# seed 0): 320 px and 2x2 tiles localise better (tire PRO 84.6 -> 92.5) but lose image AUROC on tire
+# (76.7 -> 63.8), layers 2+3 lose to 2+4 on tire, and the global statistics branch gains on textile
+# (75.4 -> 79.1) while it costs on tire (76.7 -> 72.5): the weight of that branch is what varies.
+LITE_SELF_TUNE = (
+    {"kind": "efficientnet_lite0", "image_size": 224, "layers": (2, 4), "aggregation": 3, "stats_weight": 0.0},
+    {"kind": "efficientnet_lite0", "image_size": 224, "layers": (2, 4), "aggregation": 3, "stats_weight": 0.5},
+    {"kind": "efficientnet_lite0", "image_size": 224, "layers": (2, 4), "aggregation": 3, "stats_weight": 1.0},
+)
+
 PROFILES: dict[str, Profile] = {
     "tiny": Profile(
         name="tiny",
@@ -104,6 +137,8 @@ PROFILES: dict[str, Profile] = {
         ),
         has_text=False,
         coreset_ratio=0.1,
+        jpeg_draft=True,
+        self_tune=LITE_SELF_TUNE,
         fusion_selection="loo",
         # The honest default (issue 10): on a CPU the memory bank does the work. No variant of the
         # lite transform beat the shots-only bank on two of hazelnut, tire and textile

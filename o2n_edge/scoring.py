@@ -34,6 +34,10 @@ NORM_EPS = 1e-3  # absolute floor of a branch's standardization scale
 # nothing; without this floor a near-zero spread turns the global term into the whole score.
 NORM_REL_FLOOR = 0.1
 DEFAULT_NORM = (0.0, 1.0)
+# Global statistics branch: per-dimension scales of the shots' feature statistics are floored at
+# this fraction of their median, so a dimension the few shots happen to agree on exactly does not
+# turn any deviation in it into an infinite distance.
+STATS_SCALE_FLOOR = 1.0
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,9 @@ class ScoringConfig:
     global_weight: float = 0.5
     smoothing_sigma: float = 4.0
     neighborhood: int = 1  # personalized branch: tolerance radius in patches
+    # Global statistics branch (whole-image defects): weight of the standardized distance of the
+    # query's patch-feature statistics (per-channel mean and std) to the shots'; 0 = off.
+    stats_weight: float = 0.0
 
     def __post_init__(self) -> None:
         assert self.branches, "at least one branch is needed"
@@ -60,10 +67,11 @@ class ScoringConfig:
         return cls(
             branches=tuple(branches),
             weights={b: profile.weights[b] for b in branches},
-            image_size=profile.encoder.image_size,
+            image_size=profile.encoder.input_size,
             topk_fraction=profile.topk_fraction,
             global_weight=profile.global_weight,
             smoothing_sigma=profile.smoothing_sigma,
+            stats_weight=profile.stats_weight,
         )
 
     def to_dict(self) -> dict:
@@ -76,6 +84,7 @@ class ScoringConfig:
             "global_weight": self.global_weight,
             "smoothing_sigma": self.smoothing_sigma,
             "neighborhood": self.neighborhood,
+            "stats_weight": self.stats_weight,
         }
 
 
@@ -87,6 +96,8 @@ class Reference:
     global_bank: np.ndarray  # (S, G) global features of shots (+ pool)
     text_features: np.ndarray | None = None  # (2, G): normal, anomalous; L2-normalized
     norm: dict[str, tuple[float, float]] = field(default_factory=dict)  # key -> (center, scale)
+    stats_bank: np.ndarray | None = None  # (S, 2D) patch-feature statistics of the shots' views
+    stats_scale: np.ndarray | None = None  # (2D,) per-dimension scale of those statistics
 
     def norm_of(self, key: str) -> tuple[float, float]:
         return self.norm.get(key, DEFAULT_NORM)
@@ -100,6 +111,7 @@ class ScoreResult:
     maps: np.ndarray  # (B, S, S) fused, standardized, upsampled and smoothed
     branch_maps: dict[str, np.ndarray]  # branch -> (B, h, w) raw, before standardization
     global_scores: dict[str, np.ndarray]  # branch -> (B,) raw
+    stats: np.ndarray | None = None  # (B,) raw global-statistics distance (when the branch is on)
 
 
 # ----------------------------------------------------------------------------- branch maps
@@ -165,6 +177,31 @@ def cosine_distance_to_bank(g: torch.Tensor, bank: torch.Tensor) -> torch.Tensor
     """(B,G) x (S,G) -> (B,): 1 - the best cosine similarity."""
     sim = F.normalize(g.double(), dim=-1) @ F.normalize(bank.double(), dim=-1).T
     return (1.0 - sim.max(dim=1).values).float()
+
+
+def feature_stats(patch: torch.Tensor) -> torch.Tensor:
+    """(B,h,w,D) -> (B,2D): per-channel mean and std over the image (a texture descriptor).
+
+    A whole-image defect (a colour cast, a blur, a wrong weave) shifts these statistics even when
+    every single patch still has a close match somewhere in the memory bank.
+    """
+    x = patch.double().reshape(patch.shape[0], -1, patch.shape[-1])
+    return torch.cat([x.mean(dim=1), x.std(dim=1, unbiased=False)], dim=1)
+
+
+def stats_scale(bank: torch.Tensor) -> torch.Tensor:
+    """(S,2D) -> (2D,): per-dimension std of the shots' statistics, floored at the median's share."""
+    sd = bank.double().std(dim=0, unbiased=False) if bank.shape[0] > 1 else torch.zeros(bank.shape[1], dtype=torch.float64)
+    floor = max(float(sd.median()) * STATS_SCALE_FLOOR, float(bank.double().abs().mean()) * 1e-3, 1e-6)
+    return sd.clamp_min(floor)
+
+
+def stats_distance(stats: torch.Tensor, bank: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(B,2D) -> (B,): scaled L2 distance to the nearest row of the shots' statistics (RMS per dim)."""
+    q = stats.double() / scale.double()
+    b = bank.double() / scale.double()
+    d2 = (q * q).sum(1, keepdim=True) - 2.0 * q @ b.T + (b * b).sum(1)[None, :]
+    return (d2.min(dim=1).values.clamp_min(0.0) / q.shape[1]).sqrt().float()
 
 
 # ----------------------------------------------------------------------------- maps -> scores
@@ -261,12 +298,25 @@ def score(
         fused_map, fused_global = fuse(maps, globals_, reference, config)
         full = upsample_and_smooth(fused_map, config.image_size, config.smoothing_sigma)
         image = topk_mean(full, config.topk_fraction) + config.global_weight * fused_global
+        stats = None
+        if config.stats_weight > 0:
+            stats = stats_branch(feats, reference)
+            c, s = reference.norm_of("global_stats")
+            image = image + config.stats_weight * (stats - c) / s
     return ScoreResult(
         scores=image.numpy().astype(np.float64),
         maps=full.numpy(),
         branch_maps={k: v.numpy() for k, v in maps.items()},
         global_scores={k: v.numpy() for k, v in globals_.items()},
+        stats=None if stats is None else stats.numpy(),
     )
+
+
+def stats_branch(feats: dict[str, np.ndarray], reference: Reference) -> torch.Tensor:
+    """(B,) raw distance of the queries' feature statistics to the shots' (the global branch)."""
+    if reference.stats_bank is None or reference.stats_scale is None:
+        raise ValueError("the global statistics branch needs the shots' statistics (build_reference with stats)")
+    return stats_distance(feature_stats(_t(feats["patch"])), _t(reference.stats_bank), _t(reference.stats_scale))
 
 
 def _standardization(values: list[torch.Tensor]) -> tuple[float, float]:
@@ -300,6 +350,8 @@ def build_reference(
                     text_features=None if text_features is None else text_features.astype(np.float32))
     originals = {k: np.stack([f[k][0] for f in shot_feats]) for k in shot_feats[0]}
     with torch.inference_mode():
+        if config.stats_weight > 0:
+            _stats_reference(ref, shot_feats, pool_feats)
         if "pool" in config.branches:
             loo_maps, loo_globals = [], []
             for i, f in enumerate(shot_feats):
@@ -330,6 +382,23 @@ def build_reference(
             ref.norm["personalized"] = _standardization([pm])
             ref.norm["global_personalized"] = _standardization([pg.float()])
     return ref
+
+
+def _stats_reference(ref: Reference, shot_feats: list[dict[str, np.ndarray]],
+                     pool_feats: dict[str, np.ndarray] | None) -> None:
+    """Statistics bank, scales and leave-one-shot-out standardization of the global branch."""
+    per_shot = [feature_stats(_t(f["patch"])) for f in shot_feats]
+    extra = [feature_stats(_t(pool_feats["patch"]))] if pool_feats is not None else []
+    bank = torch.cat(per_shot + extra)
+    scale = stats_scale(bank)
+    ref.stats_bank = bank.numpy().astype(np.float32)
+    ref.stats_scale = scale.numpy().astype(np.float32)
+    loo = []
+    for i, st in enumerate(per_shot):
+        others = [g for j, g in enumerate(per_shot) if j != i] if len(per_shot) > 1 else [st[1:]]
+        assert others[0].shape[0] > 0, "one shot needs augmented views for its constants"
+        loo.append(stats_distance(st[:1], torch.cat(others + extra), scale))
+    ref.norm["global_stats"] = _standardization(loo)
 
 
 def augment_views(image: np.ndarray) -> list[np.ndarray]:

@@ -23,7 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from o2n_edge.data.images import decode_image
 from o2n_edge.data.preprocess import preprocess_numpy, resize_uint8
+from o2n_edge.data.tiling import TileLayout, split_tiles, stitch_outputs
 from o2n_edge.runtime.bank_search import NearestSearch, NumpyBankSearch, OrtBankSearch
 from o2n_edge.runtime.bundle import Bundle, load_bundle
 from o2n_edge.runtime.latent_ops import keep_low_frequencies
@@ -124,6 +126,10 @@ class OrtPipeline:
         enc = m["encoder"]
         self.mean, self.std = tuple(enc["mean"]), tuple(enc["std"])
         self.encoder_outputs = tuple(enc["output_names"])
+        tiling = enc.get("tiling") or {"tile": self.image_size, "tiles": 1, "step": 0}
+        self.layout = TileLayout(int(tiling["tile"]), int(tiling["tiles"]), int(tiling["step"]))
+        assert self.layout.side == self.image_size, "the manifest's tiling does not cover its image size"
+        self.jpeg_draft = bool(m.get("decode", {}).get("jpeg_draft", False))
         self.sessions: dict[str, object] = {"image_encoder": self._session("image_encoder")}
         self.providers = self.sessions["image_encoder"].get_providers()  # type: ignore[attr-defined]
         self.uses_transform = "personalized" in self.params.branches
@@ -152,6 +158,8 @@ class OrtPipeline:
             self.bundle.array("global_bank") if pool else None,
             text,
             search=self._bank_search(bank) if bank is not None else None,
+            stats_bank=self.bundle.array("stats_bank") if self.params.stats_weight > 0 else None,
+            stats_scale=self.bundle.array("stats_scale") if self.params.stats_weight > 0 else None,
         )
 
     def _bank_search(self, bank: np.ndarray) -> NearestSearch:
@@ -185,11 +193,19 @@ class OrtPipeline:
 
     # ------------------------------------------------------------------ stages
 
+    def decode(self, data: bytes, name: str = "<bytes>") -> np.ndarray:
+        """Untrusted bytes -> RGB, decoded the way the bundle's reference images were.
+
+        With ``decode.jpeg_draft`` in the manifest, a JPEG larger than the scoring size is decoded
+        at a reduced DCT scale that still covers it (PIL draft mode), as the export did.
+        """
+        return decode_image(data, name, self.image_size if self.jpeg_draft else None)
+
     def encode(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """uint8 (B,S,S,3) -> encoder outputs."""
-        pixels = preprocess_numpy(images, self.image_size, self.mean, self.std)
+        """uint8 (B,S,S,3) -> encoder outputs; a tiled bundle's tiles go through the graph as one batch."""
+        pixels = split_tiles(preprocess_numpy(images, self.image_size, self.mean, self.std), self.layout)
         outs = self.sessions["image_encoder"].run(None, {"pixels": pixels})  # type: ignore[attr-defined]
-        return dict(zip(self.encoder_outputs, outs))
+        return stitch_outputs(dict(zip(self.encoder_outputs, outs)), self.layout)
 
     def transform(self, images: np.ndarray, timings: dict[str, float] | None = None) -> np.ndarray:
         """uint8 (B,H,W,3) -> their normal versions, uint8 at the diffusion size."""

@@ -40,6 +40,7 @@ class ScoringParams:
     smoothing_sigma: float
     neighborhood: int
     norm: dict[str, tuple[float, float]] = field(default_factory=dict)
+    stats_weight: float = 0.0  # global statistics branch; 0 = off (bundles before it)
 
     @classmethod
     def from_manifest(cls, scoring: dict) -> "ScoringParams":
@@ -53,6 +54,7 @@ class ScoringParams:
             smoothing_sigma=float(scoring["smoothing_sigma"]),
             neighborhood=int(scoring["neighborhood"]),
             norm={k: (float(v[0]), float(v[1])) for k, v in scoring.get("norm", {}).items()},
+            stats_weight=float(scoring.get("stats_weight", 0.0)),
         )
 
 
@@ -62,6 +64,7 @@ class RuntimeScores:
     maps: np.ndarray  # (B, S, S) float32
     branch_maps: dict[str, np.ndarray]
     global_scores: dict[str, np.ndarray]
+    stats: np.ndarray | None = None  # (B,) raw global-statistics distance (when on)
 
 
 def knn_distance(queries: np.ndarray, bank: np.ndarray, search: NearestSearch | None = None) -> np.ndarray:
@@ -112,6 +115,20 @@ def text_probability(features: np.ndarray, text_features: np.ndarray) -> np.ndar
 
 def cosine_distance_to_bank(g: np.ndarray, bank: np.ndarray) -> np.ndarray:
     return 1.0 - (_normalize(g) @ _normalize(bank).T).max(axis=1)
+
+
+def feature_stats(patch: np.ndarray) -> np.ndarray:
+    """(B,h,w,D) -> (B,2D): per-channel mean and (population) std over the image."""
+    x = patch.astype(np.float64).reshape(patch.shape[0], -1, patch.shape[-1])
+    return np.concatenate([x.mean(axis=1), x.std(axis=1)], axis=1)
+
+
+def stats_distance(stats: np.ndarray, bank: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """(B,2D) -> (B,): scaled L2 distance to the nearest row of the shots' statistics (RMS per dim)."""
+    q = stats.astype(np.float64) / scale.astype(np.float64)
+    b = bank.astype(np.float64) / scale.astype(np.float64)
+    d2 = (q * q).sum(1, keepdims=True) - 2.0 * q @ b.T + (b * b).sum(1)[None, :]
+    return np.sqrt(np.maximum(d2.min(axis=1), 0.0) / q.shape[1])
 
 
 def gaussian_kernel1d(sigma: float) -> np.ndarray:
@@ -184,9 +201,14 @@ class Scorer:
         global_bank: np.ndarray | None,
         text_features: np.ndarray | None = None,
         search: NearestSearch | None = None,
+        stats_bank: np.ndarray | None = None,
+        stats_scale: np.ndarray | None = None,
     ) -> None:
         """``search``: the bank search to use (e.g. ``OrtBankSearch``); numpy's when None."""
         self.params = params
+        self.stats_bank, self.stats_scale = stats_bank, stats_scale
+        if params.stats_weight > 0:
+            assert stats_bank is not None and stats_scale is not None, "the statistics branch needs its bank"
         self.memory_bank = memory_bank
         self.global_bank = global_bank
         self.text_features = text_features
@@ -253,4 +275,10 @@ class Scorer:
         fused_map, fused_global = self.fuse(maps, globals_)
         full = upsample_and_smooth(fused_map, self.params.image_size, self.params.smoothing_sigma)
         scores = topk_mean(full, self.params.topk_fraction) + self.params.global_weight * fused_global
-        return RuntimeScores(scores=scores, maps=full.astype(np.float32), branch_maps=maps, global_scores=globals_)
+        stats = None
+        if self.params.stats_weight > 0:
+            stats = stats_distance(feature_stats(feats["patch"]), self.stats_bank, self.stats_scale)
+            c, s = self.params.norm.get("global_stats", (0.0, 1.0))
+            scores = scores + self.params.stats_weight * (stats - c) / s
+        return RuntimeScores(scores=scores, maps=full.astype(np.float32), branch_maps=maps, global_scores=globals_,
+                             stats=stats)

@@ -345,3 +345,48 @@ def test_encode_images_progress_bar_changes_nothing_but_stderr(tiny: FeatureEnco
     shown = encode_images(tiny, images, batch_size=2, progress="encode")
     assert quiet.keys() == shown.keys() and all(np.array_equal(quiet[k], shown[k]) for k in quiet)
     assert "encode" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- Lite variants, layers, tiles
+
+
+@pytest.mark.parametrize("kind,channels", [("efficientnet_lite1", 40 + 112), ("efficientnet_lite2", 48 + 120)])
+def test_lite1_lite2_load_their_weights(kind: str, channels: int, photos: list[np.ndarray]) -> None:
+    """Lite1/Lite2 map their packages' state dicts exactly and classify real photos confidently."""
+    from o2n_edge.encoders.efficientnet import lite_weights_path
+
+    enc = build_encoder(replace(LITE_SPEC, kind=kind))
+    source = torch.load(lite_weights_path(kind), map_location="cpu", weights_only=True)
+    mapped = map_state_dict(source, enc.model)
+    assert len(mapped) == len(enc.model.state_dict())
+    assert enc.patch_dim == channels and enc.grid == (28, 28)
+    with torch.inference_mode():
+        probs = enc.classify(enc.preprocess(photos)).softmax(-1)
+    assert float(probs.max(-1).values.mean()) > 0.2  # a random or half-mapped net stays near 1/1000
+
+
+def test_layers_and_aggregation_options(lite: FeatureEncoder) -> None:
+    enc = build_encoder(replace(LITE_SPEC, layers=(1, 2, 3), aggregation=1))
+    assert enc.patch_dim == 24 + 40 + 80 and enc.grid == (56, 56)
+    assert enc.describe()["layers"] == [1, 2, 3] and enc.describe()["aggregation"] == 1
+    x = lite.preprocess(_rand_images(1, 224, 224, seed=3))
+    with torch.inference_mode():
+        same = build_encoder(replace(LITE_SPEC, layers=(2, 4), aggregation=3))(x)["patch"]
+        np.testing.assert_array_equal(same.numpy(), lite(x)["patch"].numpy())
+    for bad in [dict(layers=(4, 2)), dict(layers=(0,)), dict(aggregation=2)]:
+        with pytest.raises(ValueError):
+            build_encoder(replace(LITE_SPEC, **bad))
+
+
+def test_tiled_encoding_stitches_tiles(lite: FeatureEncoder) -> None:
+    """A 2x2-tiled encoder feeds tiles of its input size and returns one grid per image."""
+    enc = build_encoder(replace(LITE_SPEC, tiles=2, tile_overlap=0.25))
+    assert enc.input_size == 384 and enc.layout.count == 4
+    images = list(_rand_images(2, 300, 400, seed=5))
+    assert tuple(enc.preprocess(images).shape) == (8, 3, 224, 224)
+    out = encode_images(enc, images, batch_size=1)
+    assert out["patch"].shape == (2, 48, 48, 152) and out["global"].shape == (2, 1280)
+    # the top-left tile's interior cells are that tile's own features
+    with torch.inference_mode():
+        first = enc(enc.preprocess(images[:1])[:1])["patch"].numpy()[0]
+    np.testing.assert_allclose(out["patch"][0, :20, :20], first[:20, :20], rtol=1e-5, atol=1e-5)

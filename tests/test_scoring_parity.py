@@ -57,6 +57,28 @@ def test_runtime_scores_match_reference(branches: tuple[str, ...], shots: int) -
         np.testing.assert_allclose(got.branch_maps[b], expected.branch_maps[b], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("shots", [1, 3])
+def test_stats_branch_matches_reference(shots: int) -> None:
+    """The global statistics branch scores the same in numpy and torch, and sees a global shift."""
+    rng = np.random.default_rng(10 + shots)
+    config = ScoringConfig(branches=("pool",), weights={"pool": 1.0}, image_size=40, topk_fraction=0.02,
+                           smoothing_sigma=2.0, stats_weight=1.0)
+    shot_feats = [_feats(rng, 6, text=False) for _ in range(shots)]
+    ref = build_reference(shot_feats, config)
+    assert "global_stats" in ref.norm and ref.stats_bank.shape == (6 * shots, 32)
+    query = _feats(rng, 4, text=False)
+    query["patch"][2] *= 1.8  # a whole-image change: every patch scaled
+    expected = score(query, ref, config)
+    got = Scorer(_params(config, ref), ref.memory_bank, ref.global_bank, None,
+                 stats_bank=ref.stats_bank, stats_scale=ref.stats_scale).score(query)
+    np.testing.assert_allclose(got.scores, expected.scores, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(got.stats, expected.stats, rtol=1e-5, atol=1e-6)
+    assert int(np.argmax(expected.stats)) == 2
+    off = score(query, ref, ScoringConfig(branches=("pool",), weights={"pool": 1.0}, image_size=40,
+                                          topk_fraction=0.02, smoothing_sigma=2.0))
+    assert off.stats is None and not np.allclose(off.scores, expected.scores)
+
+
 def test_upsample_smooth_matrix_matches_torch() -> None:
     rng = np.random.default_rng(0)
     grid = rng.normal(size=(2, 7, 7))

@@ -49,19 +49,29 @@ class TorchPipeline:
         m = self.bundle.manifest
         self.manifest = m
         profile = get_profile(m["profile"])
-        self.encoder = build_encoder(profile.encoder)
-        assert int(self.encoder.image_size) == int(m["image_size"]), "bundle and profile encoders differ"
+        spec = profile.encoder
+        if "spec" in m["encoder"]:  # the bundle's own encoder settings (self-tuned ones differ from the profile's)
+            from o2n_edge.profiles import EncoderSpec
+
+            fields = dict(m["encoder"]["spec"])
+            fields["layers"] = tuple(fields.get("layers", ()))
+            spec = EncoderSpec(**fields)
+        self.encoder = build_encoder(spec)
+        assert int(self.encoder.input_size) == int(m["image_size"]), "bundle and profile encoders differ"
         s = m["scoring"]
         self.config = ScoringConfig(branches=tuple(s["branches"]), weights=dict(s["weights"]),
                                     image_size=int(s["image_size"]), topk_fraction=float(s["topk_fraction"]),
                                     global_weight=float(s["global_weight"]),
-                                    smoothing_sigma=float(s["smoothing_sigma"]), neighborhood=int(s["neighborhood"]))
+                                    smoothing_sigma=float(s["smoothing_sigma"]), neighborhood=int(s["neighborhood"]),
+                                    stats_weight=float(s.get("stats_weight", 0.0)))
         branches = self.config.branches
         self.reference = Reference(
             memory_bank=self.bundle.array("memory_bank") if "pool" in branches else np.zeros((1, 1), np.float32),
             global_bank=self.bundle.array("global_bank") if "pool" in branches else np.zeros((1, 1), np.float32),
             text_features=self.bundle.array("text_features") if "text" in branches else None,
             norm={k: (float(v[0]), float(v[1])) for k, v in s.get("norm", {}).items()},
+            stats_bank=self.bundle.array("stats_bank") if self.config.stats_weight > 0 else None,
+            stats_scale=self.bundle.array("stats_scale") if self.config.stats_weight > 0 else None,
         )
         self.image_size = int(m["image_size"])
         self.uses_transform = "personalized" in branches
@@ -122,8 +132,9 @@ class TorchPipeline:
 
     def encode(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """uint8 images -> encoder outputs as numpy (the shared numpy preprocessing first)."""
-        out = self.encoder(self.encoder.preprocess(images))
-        return {k: out[k].float().numpy() for k in self.encoder.output_names}
+        from o2n_edge.encoders import encode_images
+
+        return encode_images(self.encoder, images, batch_size=max(1, len(images)))
 
     def inspect_batch(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, dict[str, float]]:
         """Scores of decoded RGB images and the stage timings (ms) of the batch."""

@@ -98,6 +98,23 @@ def build_engines_cmd(
     _build_engines(bundle, precision)
 
 
+def _settings_line(m: dict) -> str | None:
+    """The detection settings a bundle scores with, and how they were chosen (self-tuning or fixed)."""
+    enc = m.get("encoder")
+    if not enc:
+        return None
+    tiling = enc.get("tiling") or {}
+    tiles = f" in {tiling['tiles']}x{tiling['tiles']} tiles" if tiling.get("tiles", 1) > 1 else ""
+    line = (f"{enc.get('kind', enc.get('encoder'))} at {m.get('image_size')} px{tiles}, layers {enc.get('layers', '?')}, "
+            f"aggregation {enc.get('aggregation', '?')}, statistics weight {m.get('scoring', {}).get('stats_weight', 0)}, "
+            f"JPEG draft {m.get('decode', {}).get('jpeg_draft', False)}")
+    tuning = m.get("tuning")
+    if tuning:
+        line += (f"; self-tuned: {tuning['chosen']['name']} (pseudo-validation AUROC "
+                 f"{100 * tuning['pseudo_auroc']:.1f} over {len(tuning['candidates'])} candidates)")
+    return line
+
+
 @app.command("inspect")
 def inspect_cmd(
     bundle: Path = typer.Argument(..., help="Bundle directory."),
@@ -126,6 +143,7 @@ def inspect_cmd(
                        "validation": v.get("validation")} for k, v in m.get("models", {}).items()},
         "files": {k: {"bytes": v.get("bytes"), "sha256": v.get("sha256")} for k, v in files.items()},
         "engines": engines, "versions": m.get("versions"),
+        "settings": _settings_line(m),
     }
     if as_json:
         typer.echo(json.dumps(info, indent=2))
@@ -139,7 +157,8 @@ def inspect_cmd(
         for p in problems:
             c.print(f"  [red]- {p}[/]")
         for key in ("profile", "category", "precision", "image_size", "diffusion_image_size", "branches",
-                    "threshold", "steps", "steps_run", "strength", "student", "vae", "shots", "memory_bank"):
+                    "threshold", "steps", "steps_run", "strength", "student", "vae", "shots", "memory_bank",
+                    "settings"):
             if info[key] is not None:
                 c.print(f"  {key}: {info[key]}")
         table = Table(title="files")

@@ -70,6 +70,11 @@ def eval_cmd(
     except USER_ERRORS as exc:
         fail(str(exc))
     print_table([result])
+    if result.get("self_tuned"):
+        for r in result["runs"]:
+            t = r["tuning"]
+            typer.echo(f"k={r['shots']} seed={r['seed']}: self-tuned setting {t['chosen']['name']} "
+                       f"(pseudo-validation AUROC {100 * t['pseudo_auroc']:.1f}, shots only)")
     if json_out:
         write_json(json_out, result)
         typer.echo(f"wrote {json_out}")

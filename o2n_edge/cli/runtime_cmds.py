@@ -29,7 +29,7 @@ def infer_cmd(
     save_maps: Optional[Path] = typer.Option(None, "--save-maps", help="Write query | normal version | heat-map overlay PNGs here."),
 ) -> None:
     """Score images from the shell with a bundle (no torch needed). Exit code 1 if any image was unreadable."""
-    from o2n_edge.data.images import ImageError, load_image
+    from o2n_edge.data.images import ImageError, read_image_bytes
     from o2n_edge.runtime.bundle import BundleError
 
     try:
@@ -41,7 +41,7 @@ def infer_cmd(
     out, bad = [], 0
     for path in images:
         try:
-            img = load_image(path)
+            img = pipe.decode(read_image_bytes(path), str(path))
         except ImageError as exc:
             bad += 1
             out.append({"image": str(path), "error": str(exc)})

@@ -51,8 +51,12 @@ class ImageError(ValueError):
     """A file or buffer that is not a usable image; the message names it and says why."""
 
 
-def _open_loaded(data: bytes, name: str, min_side: int) -> Image.Image:
+def _open_loaded(data: bytes, name: str, min_side: int, draft_size: int | None = None) -> Image.Image:
     """Open, size-check and *fully* decode, so a problem surfaces here and not later.
+
+    ``draft_size``: a JPEG is decoded straight to the smallest of 1/2, 1/4, 1/8 of its size that
+    still covers ``draft_size`` on both sides (libjpeg's DCT scaling, PIL's draft mode): a
+    fraction of the decode work when the image is resized to that size anyway.
 
     PIL opens lazily: ``Image.open`` reads only the header, and a truncated file would
     otherwise fail (or, with LOAD_TRUNCATED_IMAGES, silently come out half grey) at first use.
@@ -75,6 +79,8 @@ def _open_loaded(data: bytes, name: str, min_side: int) -> Image.Image:
             raise ImageError(
                 f"{name}: {width}x{height} is too small (each side must be >= {min_side} px)"
             )
+        if draft_size and im.format == "JPEG":
+            im.draft(None, (int(draft_size), int(draft_size)))
         im.load()
         ImageOps.exif_transpose(im, in_place=True)  # no copy for the usual upright image
     except ImageError:
@@ -124,13 +130,14 @@ def _to_rgb_array(im: Image.Image, name: str) -> np.ndarray:
         raise ImageError(f"{name}: cannot convert mode {mode!r} to RGB ({exc})") from exc
 
 
-def decode_image(data: bytes, name: str = "<bytes>") -> np.ndarray:
+def decode_image(data: bytes, name: str = "<bytes>", draft_size: int | None = None) -> np.ndarray:
     """Decode untrusted bytes into uint8 HxWx3 RGB, or raise :class:`ImageError`.
 
     The one entry point both stages use, so a file that the workstation accepted is decoded
-    identically on the line-side device.
+    identically on the line-side device. ``draft_size``: see :func:`_open_loaded` (JPEG only; a
+    bundle records whether its images were decoded so, and its pipeline decodes the same way).
     """
-    im = _open_loaded(bytes(data), name, MIN_SIDE)
+    im = _open_loaded(bytes(data), name, MIN_SIDE, draft_size)
     arr = _to_rgb_array(im, name)
     if arr.ndim != 3 or arr.shape[2] != 3:  # contract: a bug here must not reach a model
         raise ImageError(f"{name}: decoded to unexpected shape {arr.shape}")
@@ -153,6 +160,11 @@ def _read_bytes(path: str | Path, what: str) -> bytes:
         raise ImageError(f"{p}: cannot read {what} file ({exc})") from exc
 
 
+def read_image_bytes(path: str | Path) -> bytes:
+    """An image file's bytes with the size limit applied (for callers that decode them themselves)."""
+    return _read_bytes(path, "image")
+
+
 def _size_wh(size: int | tuple[int, int]) -> tuple[int, int]:
     """Normalise a size argument; an int is a square side, a tuple is (width, height) like PIL."""
     if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
@@ -166,13 +178,15 @@ def _size_wh(size: int | tuple[int, int]) -> tuple[int, int]:
     return wh
 
 
-def load_image(path: str | Path, size: int | tuple[int, int] | None = None) -> np.ndarray:
+def load_image(path: str | Path, size: int | tuple[int, int] | None = None, draft: bool = False) -> np.ndarray:
     """Load an image file as uint8 HxWx3 RGB, optionally resized (bicubic) to ``size``.
 
     ``size`` as an int gives a square side; as a tuple it is (width, height), PIL's order.
+    ``draft``: decode a JPEG at a reduced scale that still covers ``size`` (see decode_image).
     """
     wh = None if size is None else _size_wh(size)
-    arr = decode_image(_read_bytes(path, "image"), str(path))
+    draft_size = max(wh) if draft and wh is not None else None
+    arr = decode_image(_read_bytes(path, "image"), str(path), draft_size)
     if wh is None or (arr.shape[1], arr.shape[0]) == wh:
         return arr
     return np.asarray(Image.fromarray(arr).resize(wh, RESAMPLE), dtype=np.uint8)

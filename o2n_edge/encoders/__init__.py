@@ -2,7 +2,7 @@
 
 :func:`build_encoder` turns an :class:`~o2n_edge.profiles.EncoderSpec` into a
 :class:`FeatureEncoder` in eval mode; the profile decides which one (open_clip for ``tiny`` and
-``sd15``, ImageNet EfficientNet-Lite0 for ``lite``), so callers never branch on the model.
+``sd15``, ImageNet EfficientNet-Lite0/1/2 for ``lite``), so callers never branch on the model.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from ..profiles import EncoderSpec
 from .base import FeatureEncoder, encode_images, preprocess_numpy, resize_uint8
 
-ENCODER_KINDS = ("open_clip", "efficientnet_lite0")
+ENCODER_KINDS = ("open_clip", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 
 __all__ = [
     "ENCODER_KINDS",
@@ -28,10 +28,10 @@ def build_encoder(spec: EncoderSpec) -> FeatureEncoder:
         from .clip import OpenClipEncoder
 
         encoder: FeatureEncoder = OpenClipEncoder(spec)
-    elif spec.kind == "efficientnet_lite0":
-        from .efficientnet import EfficientNetLite0Encoder
+    elif spec.kind.startswith("efficientnet_lite") and spec.kind in ENCODER_KINDS:
+        from .efficientnet import EfficientNetLiteEncoder
 
-        encoder = EfficientNetLite0Encoder(spec)
+        encoder = EfficientNetLiteEncoder(spec)
     else:
         choices = ", ".join(ENCODER_KINDS)
         raise ValueError(f"unknown encoder kind {spec.kind!r}: choose one of {choices}")

@@ -25,6 +25,7 @@ from typing import ClassVar
 import numpy as np
 
 from .._lazy import require
+from ..data.tiling import TileLayout, split_tiles, stitch_outputs, tile_layout
 from ..data.preprocess import ImagesLike, _as_image_list, preprocess_numpy, resize_uint8  # noqa: F401  (re-exported)
 
 torch = require("torch", "the feature encoders")
@@ -55,10 +56,21 @@ class FeatureEncoder(nn.Module):
         """(B,3,S,S) normalized pixels -> dict keyed by :attr:`output_names`."""
         raise NotImplementedError
 
+    @property
+    def layout(self) -> TileLayout:
+        """How an image is tiled for this encoder (one tile = the whole image unless the spec tiles)."""
+        spec = getattr(self, "spec", None)
+        return tile_layout(self.image_size, getattr(spec, "tiles", 1), getattr(spec, "tile_overlap", 0.25))
+
+    @property
+    def input_size(self) -> int:
+        """Side every image is resized to (the scoring map's side): a tile, or the tiled square."""
+        return self.layout.side
+
     def preprocess(self, images: ImagesLike) -> torch.Tensor:
-        """uint8 images -> (B,3,S,S) float32 tensor, via :func:`preprocess_numpy` (exact parity)."""
-        arr = preprocess_numpy(images, self.image_size, self.mean, self.std)
-        return torch.from_numpy(arr)
+        """uint8 images -> the graph's (B*tiles,3,S,S) float32 input, via :func:`preprocess_numpy`."""
+        arr = preprocess_numpy(images, self.input_size, self.mean, self.std)
+        return torch.from_numpy(split_tiles(arr, self.layout))
 
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         """Prompts -> (N, global_dim) L2-normalized text features (encoders with a text tower)."""
@@ -76,6 +88,7 @@ class FeatureEncoder(nn.Module):
             "global_dim": int(self.global_dim),
             "grid": [int(v) for v in self.grid],
             "output_names": list(self.output_names),
+            "tiling": self.layout.to_dict(),
         }
 
 
@@ -95,6 +108,7 @@ def encode_images(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     items = _as_image_list(images)
+    layout = encoder.layout
     try:
         device = next(encoder.parameters()).device
     except StopIteration:  # pragma: no cover - every real encoder has parameters
@@ -107,5 +121,6 @@ def encode_images(
             out = encoder(pixels)
             for name in encoder.output_names:
                 chunks[name].append(out[name].float().cpu().numpy())
-    return {name: np.concatenate(parts, axis=0).astype(np.float32, copy=False)
-            for name, parts in chunks.items()}
+    out = {name: np.concatenate(parts, axis=0).astype(np.float32, copy=False)
+           for name, parts in chunks.items()}
+    return stitch_outputs(out, layout)

@@ -1,0 +1,173 @@
+"""Accuracy of the issue-11 detection core against the v1 baseline, same harness (`evaluate`).
+
+Runs the lite profile as it now stands (self-tuned settings from the shots alone, global
+statistics branch, JPEG draft decode, the exported coreset) on hazelnut, tire and textile at
+1/2/4 shots x seeds 0/1/2, shots-only memory bank. Every finished (category, shots, seed) run is
+appended to ``benchmarks/results/<name>.runs.jsonl`` at once (a killed run resumes there), and
+the JSON + markdown table are rewritten after each, with the baseline's figures
+(``--baseline``, measured by ``benchmarks.accuracy`` with the v1 defaults) beside them.
+
+Usage: python -m benchmarks.accuracy_v2 [--name accuracy_lite_v2] [--baseline accuracy_lite_v1_baseline]
+           [--only tire,textile] [--shots 1,2,4] [--seeds 0,1,2] [--fixed]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from o2n_edge import __version__
+from o2n_edge.data import load_dataset
+from o2n_edge.evaluation import METRIC_KEYS, evaluate
+from o2n_edge.metrics import mean_std
+from o2n_edge.profiles import get_profile
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = (ROOT / ".." / "shared" / "data").resolve()
+RESULTS = ROOT / "benchmarks" / "results"
+SETS = [("mvtec", SHARED / "hazelnut_toy", "hazelnut"), ("mvtec", SHARED / "mvtec3d_rgb", "tire"), ("textile", None, "textile")]
+SHOWN = ("image_auroc", "image_ap", "pixel_auroc", "pixel_pro")
+
+
+def _pct(mu: float | None, sd: float | None = None) -> str:
+    if mu is None:
+        return "—"
+    return f"{100 * mu:.1f}" if sd is None else f"{100 * mu:.1f} ± {100 * sd:.1f}"
+
+
+def baseline_table(name: str) -> dict[tuple[str, int], dict]:
+    """(category, shots) -> the baseline's summary row."""
+    path = RESULTS / f"{name}.json"
+    if not path.exists():
+        return {}
+    doc = json.loads(path.read_text())
+    return {(r["category"], s["shots"]): s for r in doc["results"] for s in r["summary"]}
+
+
+def summarize(records: list[dict], base: dict, variant: str) -> tuple[list[dict], str]:
+    order = [c for _, _, c in SETS]
+    keys = sorted({(r["category"], r["shots"]) for r in records}, key=lambda x: (order.index(x[0]), x[1]))
+    lines = ["| category | shots | seeds | variant | image AUROC (v1) | image AUROC (v2) | Δ | image AP | pixel AUROC (v1) | "
+             "pixel AUROC (v2) | PRO (v1) | PRO (v2) | settings chosen (per seed) | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = []
+    for cat, k in keys:
+        group = sorted([r for r in records if r["category"] == cat and r["shots"] == k], key=lambda r: r["seed"])
+        row: dict = {"category": cat, "shots": k, "seeds": [r["seed"] for r in group], "variant": variant}
+        for m in METRIC_KEYS:
+            vals = [r[m] for r in group if r.get(m) is not None]
+            row[m] = dict(zip(("mean", "std"), mean_std(vals))) if vals else None
+        b = base.get((cat, k), {})
+        row["baseline"] = {m: b.get(m) for m in METRIC_KEYS}
+        row["settings"] = [r.get("setting", "fixed") for r in group]
+        row["pseudo_auroc"] = [r["tuning"]["pseudo_auroc"] for r in group if "tuning" in r]
+        rows.append(row)
+
+        def cell(d, m):
+            return _pct(d[m]["mean"], d[m]["std"]) if d.get(m) else "—"
+
+        delta = (f"{100 * (row['image_auroc']['mean'] - b['image_auroc']['mean']):+.1f}"
+                 if b.get("image_auroc") and row.get("image_auroc") else "—")
+        lines.append(f"| {cat} | {k} | {','.join(map(str, row['seeds']))} | {variant} | {cell(b, 'image_auroc')} | "
+                     f"{cell(row, 'image_auroc')} | {delta} | {cell(row, 'image_ap')} | {cell(b, 'pixel_auroc')} | "
+                     f"{cell(row, 'pixel_auroc')} | {cell(b, 'pixel_pro')} | {cell(row, 'pixel_pro')} | "
+                     f"{'; '.join(row['settings'])} | {sum(r['wall_s'] for r in group):.0f} |")
+    # the issue's headline: mean image AUROC over tire and textile (all shots), v2 vs v1
+    head = [r for r in rows if r["category"] in ("tire", "textile") and r.get("image_auroc") and r["baseline"].get("image_auroc")]
+    if head:
+        v2 = float(np.mean([r["image_auroc"]["mean"] for r in head]))
+        v1 = float(np.mean([r["baseline"]["image_auroc"]["mean"] for r in head]))
+        lines.append("")
+        lines.append(f"Mean image AUROC over tire and textile ({len(head)} shot settings): v1 {100 * v1:.1f} -> "
+                     f"v2 {100 * v2:.1f} ({100 * (v2 - v1):+.1f} points).")
+    return rows, "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--name", default="accuracy_lite_v2")
+    ap.add_argument("--baseline", default="accuracy_lite_v1_baseline")
+    ap.add_argument("--only", default=None)
+    ap.add_argument("--shots", default="1,2,4")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--fixed", action="store_true", help="the profile's fixed encoder, no self-tuning")
+    ap.add_argument("--stats-weight", type=float, default=None, help="with --fixed: the global branch's weight")
+    ap.add_argument("--merge", default=None,
+                    help="comma list of result names whose .runs.jsonl are combined into --name (no runs)")
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    from dataclasses import replace
+
+    profile = get_profile("lite")
+    if args.fixed:
+        profile = replace(profile, self_tune=())
+        if args.stats_weight is not None:
+            profile = replace(profile, stats_weight=args.stats_weight)
+    variant = (f"shots-only, fixed (statistics weight {profile.stats_weight:g})" if args.fixed
+               else "shots-only, self-tuned")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    jsonl = RESULTS / f"{args.name}.runs.jsonl"
+    records = [json.loads(x) for x in jsonl.read_text().splitlines()] if jsonl.exists() else []
+    if args.merge:  # parts run in parallel processes, one file each
+        records = [json.loads(x) for part in args.merge.split(",")
+                   for x in (RESULTS / f"{part}.runs.jsonl").read_text().splitlines()]
+        jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    base = baseline_table(args.baseline)
+    shots = [int(x) for x in args.shots.split(",")]
+    seeds = [int(x) for x in args.seeds.split(",")]
+
+    def write() -> None:
+        rows, md = summarize(records, base, variant)
+        doc = {"machine": {"platform": platform.platform(), "python": platform.python_version(), "threads": 1},
+               "o2n_edge": __version__, "profile": "lite", "variant": variant, "baseline": args.baseline,
+               "coreset": profile.coreset_ratio, "jpeg_draft": profile.jpeg_draft,
+               "candidates": [c.name if hasattr(c, "name") else c for c in profile.self_tune],
+               "rows": rows, "runs": records}
+        (RESULTS / f"{args.name}.json").write_text(json.dumps(doc, indent=2) + "\n")
+        (RESULTS / f"{args.name}.md").write_text(
+            f"# {args.name}\n\nlite profile, {variant}; percent, mean ± std over seeds; v1 = `{args.baseline}` "
+            f"(same harness, v1 defaults: Lite0 at 224 px, layers 2+4, no statistics branch, whole bank). "
+            f"v2 scores with the exported coreset ({profile.coreset_ratio}) and JPEG draft decode = "
+            f"{profile.jpeg_draft}; each run's setting is chosen from its shots alone (pseudo-validation "
+            f"scores in the JSON). Written by `python -m benchmarks.accuracy_v2`.\n\n" + md)
+
+    for dataset, root, category in ([] if args.merge else SETS):
+        if args.only and category not in args.only.split(","):
+            continue
+        todo = [(k, s) for k in shots for s in seeds
+                if not any(r["category"] == category and r["shots"] == k and r["seed"] == s for r in records)]
+        if not todo:
+            continue
+        ds = load_dataset(root, dataset, category)
+        t = time.perf_counter()
+
+        def on_run(run: dict, category: str = category) -> None:
+            rec = {"category": category, **run}
+            records.append(rec)
+            with jsonl.open("a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+            write()
+            print(f"{category} k={run['shots']} seed={run['seed']}: image AUROC {100 * run['image_auroc']:.1f} "
+                  f"({run.get('setting', 'fixed')}, {run['wall_s']:.0f}s)", flush=True)
+
+        ks = sorted({k for k, _ in todo})
+        if len(todo) == len(ks) * len(seeds):  # whole shot counts left: one call, the test set encoded once
+            evaluate(ds, profile, ks, seeds, ("pool",), progress=False, coreset=profile.coreset_ratio, on_run=on_run)
+        else:
+            for k in ks:
+                evaluate(ds, profile, [k], [s for kk, s in todo if kk == k], ("pool",), progress=False,
+                         coreset=profile.coreset_ratio, on_run=on_run)
+        print(f"{category}: {time.perf_counter() - t:.0f}s", flush=True)
+    write()
+    print((RESULTS / f"{args.name}.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Per-image latency (ORT CPU, 1 thread, batch 1) of detection settings, interleaved (issue 11).
+
+Exports one shots-only bundle per setting (tire, 4 shots, seed 0; the image-encoder graph is
+shared where the setting allows) and times them in one interleaved loop through the runtime,
+JPEG decode (draft mode where the bundle says so) included, so a loaded machine slows all of them
+alike. Writes benchmarks/results/<name>.{json,md}.
+
+Usage: python -m benchmarks.latency_settings [--settings "v1=lite0:224:1:2-4:3:0:nodraft;..."] [--iters 30]
+A setting is label=kind:size:tiles:layers:kernel:stats_weight[:nodraft].
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = (ROOT / ".." / "shared" / "data").resolve()
+RESULTS = ROOT / "benchmarks" / "results"
+DEFAULT_SETTINGS = ("v1 default=lite0:224:1:2-4:3:0:nodraft;"
+                    "v2 g0=lite0:224:1:2-4:3:0;v2 g1=lite0:224:1:2-4:3:1;"
+                    "320 px=lite0:320:1:2-4:3:0;2x2 tiles of 224 (384 px)=lite0:224:2:2-4:3:0")
+
+
+def export_setting(label: str, text: str, work: Path, out_root: Path) -> Path:
+    from o2n_edge import profiles
+    from o2n_edge.export.build import ExportOptions, export_bundle
+    from benchmarks.feature_sweep import parse_candidate
+
+    parts = text.split(":")
+    draft = not (len(parts) > 6 and parts[6] == "nodraft")
+    cand = parse_candidate(":".join(parts[:6]))
+    lite = profiles.PROFILES["lite"]
+    fixed = replace(cand.apply(lite), self_tune=(), jpeg_draft=draft)
+    out = out_root / label.replace(" ", "_").replace("(", "").replace(")", "")
+    if (out / "manifest.json").exists():
+        return out
+    saved = profiles.PROFILES["lite"]
+    profiles.PROFILES["lite"] = fixed
+    try:
+        export_bundle(ExportOptions(category="tire", out=out, profile="lite", data=SHARED / "mvtec3d_rgb", shots=4,
+                                    seed=0, branches="pool", pool_size=0, work_dir=work / cand.name.split(" ")[0],
+                                    progress=False, force=True))
+    finally:
+        profiles.PROFILES["lite"] = saved
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--settings", default=DEFAULT_SETTINGS)
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--bundles", type=Path, default=ROOT / "bundles" / "latency_settings")
+    ap.add_argument("--name", default="latency_lite_v2")
+    args = ap.parse_args()
+    from o2n_edge.bench.env import machine_stamp, set_threads
+    from o2n_edge.bench.latency import jpeg_bytes, make_runner, run_interleaved, source_images, summarize
+
+    set_threads(1)
+    settings = [s.split("=", 1) for s in args.settings.split(";") if s.strip()]
+    bundles = {label: export_setting(label, text, args.bundles / ".work", args.bundles) for label, text in settings}
+    images = source_images(1)
+    jpegs = [jpeg_bytes(images[0])]
+    runners = []
+    for label, path in bundles.items():
+        r = make_runner("ort-cpu", path, 1, None, None, jpegs)
+        r.name = label
+        runners.append(r)
+    res = run_interleaved(runners, images, args.warmup, args.iters)
+    rows = []
+    for (label, text), r in zip(settings, runners):
+        m = json.loads((bundles[label] / "manifest.json").read_text())
+        s = summarize(r.samples, 1)
+        stages = {k: v["p50"] for k, v in s["stages_ms"].items()}
+        rows.append({"setting": label, "spec": text, "image_size": m["image_size"], "tiling": m["encoder"].get("tiling"),
+                     "bank_rows": m["memory_bank"]["rows"], "patch_dim": m["memory_bank"]["dim"],
+                     "stats_weight": m["scoring"].get("stats_weight", 0.0), "jpeg_draft": m.get("decode", {}).get("jpeg_draft", False),
+                     "per_image_ms_p50": s["per_image_ms_p50"], "with_io_ms_p50": s.get("with_io_ms", {}).get("p50"),
+                     "stages_ms_p50": stages, "first_score": float(res["scores"][label][0])})
+        print(rows[-1]["setting"], rows[-1]["per_image_ms_p50"], rows[-1]["with_io_ms_p50"], flush=True)
+    doc = {"name": args.name, "machine": machine_stamp(1), "category": "tire", "shots": 4, "seed": 0,
+           "branches": ["pool"], "source_side": len(images[0]), "iters": args.iters, "rows": rows}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(doc, indent=2) + "\n")
+    keys = ["decode_jpeg", "preprocess", "image_encoder", "scoring"]
+    lines = [f"# {args.name}\n",
+             f"Per-image latency, ORT CPU, 1 thread, batch 1, p50 over {args.iters} interleaved iterations; shots-only "
+             "bundles (pool branch; tire, 4 shots, seed 0; bank = coreset 0.1 of the shots' views), a 512-px JPEG "
+             "in. Machine: {} ({} usable cores), load average at start {}. Written by ".format(
+                 doc["machine"]["cpu"], doc["machine"]["cores"], doc["machine"]["load_average_start"]) + 
+             "`python -m benchmarks.latency_settings`.\n",
+             "| setting | input px | bank rows x dim | stats | JPEG draft | pipeline ms | + decode/answer ms | "
+             + " | ".join(f"{k} ms" for k in keys) + " |",
+             "|---|---|---|---|---|---|---|" + "---|" * len(keys)]
+    for r in rows:
+        lines.append(f"| {r['setting']} | {r['image_size']} | {r['bank_rows']} x {r['patch_dim']} | {r['stats_weight']:g} | "
+                     f"{r['jpeg_draft']} | {r['per_image_ms_p50']:.2f} | {r['with_io_ms_p50']:.2f} | "
+                     + " | ".join(f"{r['stages_ms_p50'].get(k, float('nan')):.2f}" for k in keys) + " |")
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
