@@ -29,9 +29,9 @@ def _table(doc: dict) -> str:
     lines = [
         "# sd15 dry run at real size (CPU, seeded random weights, offline hub cache)",
         "",
-        "Commands (in this order, one work folder): " + ", ".join(f"`{c}`" for c in doc["commands"]) + ". Diffusion size {doc['size']} px, scoring size 240 px (ViT-B-16-plus-240), "
+        "Commands (in this order, one work folder): " + ", ".join(f"`{c}`" for c in doc["commands"]) + f". Diffusion size {doc['size']} px, scoring size 240 px (ViT-B-16-plus-240), "
         f"{doc['threads']} thread(s); machine: {doc['machine']['cpu']} ({doc['machine']['cores']} usable cores, "
-        f"shared with other work: load average at start {doc['machine']['load_average_start']}). "
+        f"shared with other work: load average when these results were written {doc['machine']['load_average_start']}). "
         "Random weights: scores are meaningless, "
         "time, memory and bytes are not.",
         "",

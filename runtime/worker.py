@@ -68,14 +68,25 @@ class InspectWorker:
         self._executor.shutdown(wait=True)
 
 
-def decode_payload(payload: Payload, name: str = "<bytes>") -> np.ndarray:
+def decoder_of(inspector: Any) -> Callable[[bytes, str], np.ndarray]:
+    """The inspector's own decoder when it has one, else the plain one.
+
+    A bundle exported with JPEG draft decoding must be fed images decoded the same way at the
+    line (``OrtPipeline.decode``), or its scores drift from the ones it was calibrated on.
+    """
+    return getattr(inspector, "decode", None) or decode_image
+
+
+def decode_payload(
+    payload: Payload, name: str = "<bytes>", decode: Callable[[bytes, str], np.ndarray] = decode_image
+) -> np.ndarray:
     """Encoded image bytes, or a raw uint8 (H, W, 3) array, -> uint8 RGB; ImageError otherwise.
 
     Raw arrays get the same limits as decoded files (smallest side, pixel bomb), so a client
     cannot reach the model with what the decoder would have refused.
     """
     if isinstance(payload, (bytes, bytearray, memoryview)):
-        return decode_image(bytes(payload), name)
+        return decode(bytes(payload), name)
     arr = np.asarray(payload)
     if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
         raise ImageError(f"{name}: raw image must be uint8 (H, W, 3), got {arr.dtype} {arr.shape}")
@@ -101,7 +112,7 @@ def inspect_payloads(
     where: list[int] = []
     for i, (payload, name) in enumerate(zip(payloads, names)):
         try:
-            good.append(decode_payload(payload, name))
+            good.append(decode_payload(payload, name, decoder_of(inspector)))
             where.append(i)
             out.append(ImageError("not inspected"))  # replaced below
         except ImageError as exc:
@@ -164,7 +175,7 @@ def inspect_and_log(
     """
     t0 = time.perf_counter()
     sha = hashlib.sha256(data).hexdigest()
-    image = decode_payload(data, name)
+    image = decode_payload(data, name, decoder_of(inspector))
     t1 = time.perf_counter()
     result = inspector.inspect(image)
     t2 = time.perf_counter()

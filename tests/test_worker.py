@@ -50,3 +50,23 @@ def test_worker_queue_is_bounded() -> None:
     w.release()
     assert w.reserve()
     w.shutdown()
+
+
+class DraftInspector(FakeInspector):
+    """An inspector with its own decoder, as OrtPipeline has for JPEG-draft bundles."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.decoded: list[str] = []
+
+    def decode(self, data: bytes, name: str = "<bytes>") -> np.ndarray:
+        self.decoded.append(name)
+        return np.full((24, 24, 3), 50, np.uint8)
+
+
+def test_payloads_go_through_the_inspectors_own_decoder() -> None:
+    insp = DraftInspector()
+    out = inspect_payloads(insp, [png(10), np.full((16, 16, 3), 200, np.uint8)], ["a.png", "raw"])
+    assert insp.decoded == ["a.png"]  # bytes through the bundle's decoder; raw arrays need none
+    assert out[0].score == pytest.approx(50.0) and out[1].score == pytest.approx(200.0)
+    assert inspect_payloads(FakeInspector(), [png(10)])[0].score == pytest.approx(10.0)
