@@ -25,9 +25,10 @@ DEFAULT_SETTINGS = ("v1 default=lite0:224:1:2-4:3:0:nodraft;"
 
 
 def export_setting(label: str, text: str, work: Path, out_root: Path) -> Path:
-    from o2n_edge import profiles
     from o2n_edge.export.build import ExportOptions, export_bundle
+
     from benchmarks.feature_sweep import parse_candidate
+    from o2n_edge import profiles
 
     parts = text.split(":")
     draft = not (len(parts) > 6 and parts[6] == "nodraft")
@@ -57,7 +58,13 @@ def main() -> None:
     ap.add_argument("--name", default="latency_lite_v2")
     args = ap.parse_args()
     from o2n_edge.bench.env import machine_stamp, set_threads
-    from o2n_edge.bench.latency import jpeg_bytes, make_runner, run_interleaved, source_images, summarize
+    from o2n_edge.bench.latency import (
+        jpeg_bytes,
+        make_runner,
+        run_interleaved,
+        source_images,
+        summarize,
+    )
 
     set_threads(1)
     settings = [s.split("=", 1) for s in args.settings.split(";") if s.strip()]

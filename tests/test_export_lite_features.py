@@ -6,14 +6,14 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 
 @pytest.fixture(scope="module")
 def tiled_bundle(shared_data: Path, tmp_path_factory: pytest.TempPathFactory):
-    from o2n_edge import profiles
     from o2n_edge.export.build import ExportOptions, export_bundle
+
+    from o2n_edge import profiles
 
     lite = profiles.PROFILES["lite"]
     spec = replace(lite.encoder, image_size=96, tiles=2, tile_overlap=0.5, layers=(2, 3))

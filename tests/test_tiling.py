@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from o2n_edge.data.tiling import CELL_MULTIPLE, merge_globals, split_tiles, stitch_grids, tile_layout
+from o2n_edge.data.tiling import (
+    CELL_MULTIPLE,
+    merge_globals,
+    split_tiles,
+    stitch_grids,
+    tile_layout,
+)
 
 
 def test_layout_steps_are_cell_multiples() -> None:

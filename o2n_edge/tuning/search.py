@@ -69,7 +69,7 @@ class Candidate:
         return d
 
     @classmethod
-    def from_profile(cls, profile: Profile) -> "Candidate":
+    def from_profile(cls, profile: Profile) -> Candidate:
         e = profile.encoder
         return cls(e.kind, e.image_size, e.tiles, tuple(e.layers) or (2, 4), e.aggregation, profile.stats_weight)
 
