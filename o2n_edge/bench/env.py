@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import os
 import platform
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -166,3 +168,35 @@ def set_threads(threads: int, limit_blas: bool = True) -> dict:
             threadpool_limits(limits=int(threads))
             info["blas_threads"] = int(threads)
     return info
+
+
+def run_clients(
+    work: Callable[[int, int], Any], clients: int, per_client: int, time_limit_s: float
+) -> tuple[list[float], list[tuple[int, Any]], float]:
+    """``clients`` threads each calling ``work(client, request)`` up to ``per_client`` times.
+
+    Shared by the load benchmarks (serve, Triton) so both drive their servers the same way: a
+    client stops early once ``time_limit_s`` has passed, so a slow path cannot stall the run.
+    Returns each request's latency (ms), ``(request index, what work returned)`` and the wall s.
+    """
+    lat: list[float] = []
+    results: list[tuple[int, Any]] = []
+    lock = threading.Lock()
+    deadline = time.perf_counter() + time_limit_s
+
+    def client(cid: int) -> None:
+        for i in range(per_client):
+            if time.perf_counter() > deadline:
+                return
+            request = cid * per_client + i
+            t0 = time.perf_counter()
+            out = work(cid, request)
+            dt = (time.perf_counter() - t0) * 1000.0
+            with lock:
+                lat.append(dt)
+                results.append((request, out))
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as ex:
+        list(ex.map(client, range(clients)))
+    return lat, results, time.perf_counter() - t0

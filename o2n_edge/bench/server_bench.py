@@ -19,13 +19,12 @@ import socket
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from o2n_edge.bench.env import percentiles
+from o2n_edge.bench.env import percentiles, run_clients
 
 LOOPBACK = "127.0.0.1"
 REQUESTS_PER_CLIENT = 40
@@ -67,23 +66,7 @@ class _Server:
 
 def _phase(work: Callable[[int], None], clients: int, per_client: int) -> dict[str, Any]:
     """``clients`` threads, each calling ``work`` ``per_client`` times (or until the time limit)."""
-    lat: list[float] = []
-    lock = threading.Lock()
-    deadline = time.perf_counter() + PHASE_TIME_LIMIT_S
-
-    def client(cid: int) -> None:
-        for i in range(per_client):
-            if time.perf_counter() > deadline:
-                return
-            t0 = time.perf_counter()
-            work(cid * per_client + i)
-            with lock:
-                lat.append((time.perf_counter() - t0) * 1000.0)
-
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(clients) as ex:
-        list(ex.map(client, range(clients)))
-    wall = time.perf_counter() - t0
+    lat, _, wall = run_clients(lambda _cid, request: work(request), clients, per_client, PHASE_TIME_LIMIT_S)
     p = percentiles(lat)
     p["p95"] = round(float(np.percentile(lat, 95)), 3) if lat else None
     return {"clients": clients, "requests": len(lat), "wall_s": round(wall, 2),

@@ -21,13 +21,12 @@ import tempfile
 import threading
 import time
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from o2n_edge.bench.env import load_average, percentiles
+from o2n_edge.bench.env import load_average, percentiles, run_clients
 
 CLIENTS = (1, 4, 8)
 REQUESTS = {1: 60, 4: 24, 8: 15}  # per client, split over the rounds
@@ -94,26 +93,7 @@ def _merge(clients: int, parts: list[tuple[dict[str, Any], list[float]]]) -> dic
 
 def _phase(work: Callable[[int, int], float], clients: int, per_client: int) -> tuple[dict[str, Any], list[tuple[int, float]], list[float]]:
     """``clients`` threads each calling ``work(client, i)`` ``per_client`` times; returns stats + scores."""
-    lat: list[float] = []
-    scores: list[tuple[int, float]] = []
-    lock = threading.Lock()
-    deadline = time.perf_counter() + PHASE_TIME_LIMIT_S
-
-    def client(cid: int) -> None:
-        for i in range(per_client):
-            if time.perf_counter() > deadline:
-                return
-            t0 = time.perf_counter()
-            score = work(cid, cid * per_client + i)
-            dt = (time.perf_counter() - t0) * 1000.0
-            with lock:
-                lat.append(dt)
-                scores.append((cid * per_client + i, score))
-
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(clients) as ex:
-        list(ex.map(client, range(clients)))
-    wall = time.perf_counter() - t0
+    lat, scores, wall = run_clients(work, clients, per_client, PHASE_TIME_LIMIT_S)
     p = percentiles(lat)
     return ({"clients": clients, "requests": len(lat), "wall_s": round(wall, 4),
              "requests_per_s": round(len(lat) / wall, 3), "latency_ms": p}, scores, lat)
