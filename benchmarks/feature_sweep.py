@@ -23,7 +23,7 @@ import numpy as np
 from o2n_edge.data import load_dataset, load_image, load_mask, sample_shots
 from o2n_edge.metrics import compute_metrics
 from o2n_edge.profiles import get_profile
-from o2n_edge.tuning.search import Candidate
+from o2n_edge.tuning.search import Candidate, group_by_encoding
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = (ROOT / ".." / "shared" / "data").resolve()
@@ -122,10 +122,7 @@ def main() -> None:
             pseudo = {r["candidate"]["name"]: r for r in rec["candidates"]}
             print(f"{category}: pseudo-validation {rec['wall_s']:.0f}s, chosen {rec['chosen']['name']}", flush=True)
         labels = ds.labels
-        groups: dict[tuple, list[Candidate]] = {}
-        for c in todo:
-            groups.setdefault(c.encoding_key, []).append(c)
-        for _, group in groups.items():
+        for group in group_by_encoding(todo).values():
             spec = group[0].encoder_spec(profile.encoder)
             side = spec.input_size
             t = time.perf_counter()

@@ -41,6 +41,17 @@ def _figure(size: tuple[float, float] = FIGSIZE, ncols: int = 1):
     return plt.subplots(1, ncols, figsize=size)
 
 
+def _unit_square_png(fig, ax, xlabel: str, ylabel: str, title: str, legend_loc: str) -> bytes:
+    """Finish a curve on rates in [0, 1] (ROC, PR) the same way for both, and encode it."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc=legend_loc)
+    return _png(fig)
+
+
 def roc_plot(labels: np.ndarray, scores: np.ndarray, defects: list[str], doc: dict) -> bytes:
     """ROC of all defects and of each type vs every good image, with both operating points."""
     from sklearn.metrics import roc_curve
@@ -60,13 +71,8 @@ def roc_plot(labels: np.ndarray, scores: np.ndarray, defects: list[str], doc: di
         ax.plot([x], [yv], marker="o" if key == "at_bundle_threshold" else "s", markersize=7,
                 markerfacecolor="white", markeredgecolor=style["color"], linestyle="none", label=name)
     ax.plot([0, 1], [0, 1], color="#bbbbbb", linewidth=0.8)
-    ax.set_xlabel("false-reject rate (good parts rejected)")
-    ax.set_ylabel("detection rate (1 - escape rate)")
-    ax.set_xlim(-0.01, 1.01)
-    ax.set_ylim(-0.01, 1.01)
-    ax.set_title("ROC")
-    ax.legend(fontsize=7, loc="lower right")
-    return _png(fig)
+    return _unit_square_png(fig, ax, "false-reject rate (good parts rejected)",
+                            "detection rate (1 - escape rate)", "ROC", "lower right")
 
 
 def pr_plot(labels: np.ndarray, scores: np.ndarray, doc: dict) -> bytes:
@@ -86,13 +92,8 @@ def pr_plot(labels: np.ndarray, scores: np.ndarray, doc: dict) -> bytes:
             ax.plot([caught / n_bad], [caught / flagged], marker=marker, markersize=7, markerfacecolor="white",
                     markeredgecolor=style["color"], linestyle="none", label=name)
     ax.axhline(n_bad / doc["n_test"], color="#bbbbbb", linewidth=0.8)
-    ax.set_xlabel("recall (defects caught)")
-    ax.set_ylabel("precision (rejects that are defects)")
-    ax.set_xlim(-0.01, 1.01)
-    ax.set_ylim(-0.01, 1.01)
-    ax.set_title("Precision-recall")
-    ax.legend(fontsize=7, loc="lower left")
-    return _png(fig)
+    return _unit_square_png(fig, ax, "recall (defects caught)", "precision (rejects that are defects)",
+                            "Precision-recall", "lower left")
 
 
 def histogram_plot(labels: np.ndarray, scores: np.ndarray, doc: dict) -> bytes:

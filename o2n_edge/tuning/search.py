@@ -109,6 +109,14 @@ def make_folds(shots: list[np.ndarray], seed: int) -> list[Fold]:
     return folds
 
 
+def group_by_encoding(candidates: list[Candidate]) -> dict[tuple, list[Candidate]]:
+    """Candidates that share a backbone pass (network, resolution, tiling), so it runs once each."""
+    groups: dict[tuple, list[Candidate]] = {}
+    for c in candidates:
+        groups.setdefault(c.encoding_key, []).append(c)
+    return groups
+
+
 def pseudo_validate(
     shots: list[np.ndarray],
     candidates: list[Candidate],
@@ -129,10 +137,7 @@ def pseudo_validate(
     t0 = time.perf_counter()
     folds = make_folds(shots, seed)
     results: list[dict] = []
-    groups: dict[tuple, list[Candidate]] = {}
-    for c in candidates:
-        groups.setdefault(c.encoding_key, []).append(c)
-    for key, group in groups.items():
+    for key, group in group_by_encoding(candidates).items():
         spec = group[0].encoder_spec(profile.encoder)
         side = spec.input_size
         views = [augment_views(im) for im in resize_uint8(shots, side)]
