@@ -90,7 +90,7 @@ def export_bundle(opts: ExportOptions) -> ExportSummary:
     from o2n_edge.encoders import build_encoder, encode_images
     from o2n_edge.evaluation import text_features_for
     from o2n_edge.export.bundle_writer import BundleWriter
-    from o2n_edge.scoring import ScoringConfig, augment_views, build_reference, score
+    from o2n_edge.scoring import ScoringConfig, augment_views, build_reference, score, scoring_manifest
 
     walls: dict[str, float] = {}
     t_all = time.perf_counter()
@@ -241,7 +241,7 @@ def export_bundle(opts: ExportOptions) -> ExportSummary:
         "precision": opts.precision,
         "shots": {"images": [p.name for p in shot_paths], "seed": opts.seed, "k": opts.shots},
         "encoder": encoder.describe(),
-        "scoring": {**config.to_dict(), "norm": {k: list(v) for k, v in reference.norm.items()}},
+        "scoring": scoring_manifest(config, reference),
         "fusion": {"weights": dict(config.weights), "norm": {k: list(v) for k, v in reference.norm.items()},
                    "selection": fusion_choice},
         "memory_bank": {"rows": int(reference.memory_bank.shape[0]), "dim": int(reference.memory_bank.shape[1]),

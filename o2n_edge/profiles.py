@@ -74,6 +74,9 @@ class Profile:
     global_weight: float = 0.5  # weight of the global-feature score in the image score
     smoothing_sigma: float = 4.0  # gaussian sigma (pixels at image size) for anomaly maps
     stats_weight: float = 0.0  # global statistics branch (scoring.feature_stats); 0 = off
+    # Pool map standardized per ring of grid cells from the edge, over this fraction of the grid
+    # side (scoring.ScoringConfig.border_fraction); 0 = one constant for the whole map.
+    border_fraction: float = 0.0
     # Decode JPEGs at a reduced DCT scale that still covers the scoring size (PIL draft mode);
     # recorded in the bundle so the runtime decodes exactly as the export did.
     jpeg_draft: bool = False

@@ -10,7 +10,12 @@ Three branches each give a patch-level map and a global score:
   ensembles, only when the encoder has a text tower.
 
 Each map and global score is standardized with constants measured on good reference images
-(the shots), so the fusion weights mean the same thing for every category; the fused map is
+(the shots), so the fusion weights mean the same thing for every category. The pool map can be
+standardized ring by ring from the grid's edge (``border_fraction``): a border patch of a good image
+sits farther from the memory bank than an inner one (the convolutions see padding there, and the
+bank holds few border patches to match it), so with one constant the image score of every image
+is set by its border and a small defect inside never wins the top-k (measured on the textile set's
+small local defects: ``benchmarks/results/accuracy_lite_v2.md``). The fused map is
 upsampled to the image size and smoothed, and the image score is its top-k mean plus the
 weighted fused global score. Every constant lives in :class:`Reference`, which the export
 writes into the bundle: nothing stays behind in Python.
@@ -18,26 +23,32 @@ writes into the bundle: nothing stays behind in Python.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from o2n_edge.branch_maps import (  # noqa: F401  (re-exported: the scoring API's names)
+    KNN_CHUNK,
+    TEXT_LOGIT_SCALE,
+    _t,
+    cosine_distance_to_bank,
+    feature_stats,
+    knn_distance,
+    personalized_map,
+    pool_map,
+    stats_distance,
+    stats_scale,
+    text_probability,
+)
 from o2n_edge.profiles import BRANCHES, Profile
 
-KNN_CHUNK = 2048  # query patches per chunk of the nearest-neighbour search (bounds memory)
-TEXT_LOGIT_SCALE = 100.0  # CLIP's logit scale, as WinCLIP uses it
 NORM_EPS = 1e-3  # absolute floor of a branch's standardization scale
 # Relative floor: with 1-4 shots a global score has 1-4 reference values, whose spread says
 # nothing; without this floor a near-zero spread turns the global term into the whole score.
 NORM_REL_FLOOR = 0.1
 DEFAULT_NORM = (0.0, 1.0)
-# Global statistics branch: per-dimension scales of the shots' feature statistics are floored at
-# this fraction of their median, so a dimension the few shots happen to agree on exactly does not
-# turn any deviation in it into an infinite distance.
-STATS_SCALE_FLOOR = 1.0
 
 
 @dataclass(frozen=True)
@@ -54,6 +65,10 @@ class ScoringConfig:
     # Global statistics branch (whole-image defects): weight of the standardized distance of the
     # query's patch-feature statistics (per-channel mean and std) to the shots'; 0 = off.
     stats_weight: float = 0.0
+    # Pool map standardized per ring of grid cells counted from the edge: the outer
+    # round(border_fraction * grid side) rings each get their own (center, scale), the interior
+    # shares one; 0 = one constant for the whole map.
+    border_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         assert self.branches, "at least one branch is needed"
@@ -72,6 +87,7 @@ class ScoringConfig:
             global_weight=profile.global_weight,
             smoothing_sigma=profile.smoothing_sigma,
             stats_weight=profile.stats_weight,
+            border_fraction=profile.border_fraction,
         )
 
     def to_dict(self) -> dict:
@@ -85,6 +101,7 @@ class ScoringConfig:
             "smoothing_sigma": self.smoothing_sigma,
             "neighborhood": self.neighborhood,
             "stats_weight": self.stats_weight,
+            "border_fraction": self.border_fraction,
         }
 
 
@@ -98,9 +115,30 @@ class Reference:
     norm: dict[str, tuple[float, float]] = field(default_factory=dict)  # key -> (center, scale)
     stats_bank: np.ndarray | None = None  # (S, 2D) patch-feature statistics of the shots' views
     stats_scale: np.ndarray | None = None  # (2D,) per-dimension scale of those statistics
+    # branch -> [(center, scale)] per border ring (ScoringConfig.border_fraction), the interior last
+    ring_norm: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
 
     def norm_of(self, key: str) -> tuple[float, float]:
         return self.norm.get(key, DEFAULT_NORM)
+
+
+def scoring_manifest(config: ScoringConfig, reference: Reference) -> dict:
+    """The manifest's ``scoring`` section: the config and every standardization constant."""
+    return {**config.to_dict(), "norm": {k: list(v) for k, v in reference.norm.items()},
+            "ring_norm": {k: [list(cs) for cs in v] for k, v in reference.ring_norm.items()}}
+
+
+def ring_index(h: int, w: int, rings: int) -> np.ndarray:
+    """(h,w) int: each grid cell's distance to the nearest edge, capped at ``rings`` (the interior)."""
+    i, j = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    return np.minimum(np.minimum(np.minimum(i, j), np.minimum(h - 1 - i, w - 1 - j)), rings)
+
+
+def ring_constants(ring_norm: list[tuple[float, float]], h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """(center, scale) maps (h,w) from per-ring constants (see :func:`ring_index`)."""
+    table = np.asarray(ring_norm, dtype=np.float64)
+    idx = ring_index(h, w, len(table) - 1)
+    return table[idx, 0], table[idx, 1]
 
 
 @dataclass
@@ -112,96 +150,6 @@ class ScoreResult:
     branch_maps: dict[str, np.ndarray]  # branch -> (B, h, w) raw, before standardization
     global_scores: dict[str, np.ndarray]  # branch -> (B,) raw
     stats: np.ndarray | None = None  # (B,) raw global-statistics distance (when the branch is on)
-
-
-# ----------------------------------------------------------------------------- branch maps
-
-
-def _t(x: np.ndarray | torch.Tensor) -> torch.Tensor:
-    return x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
-
-
-def knn_distance(queries: torch.Tensor, bank: torch.Tensor, chunk: int = KNN_CHUNK) -> torch.Tensor:
-    """Nearest-neighbour L2 distance of each query row to the bank, chunked to bound memory.
-
-    The neighbour is found with one float32 GEMM (||m||^2 - 2 q.m), then its distance is
-    recomputed exactly in float64: the speed of a matrix product, the accuracy of cdist.
-    """
-    assert queries.ndim == 2 and bank.ndim == 2 and queries.shape[1] == bank.shape[1]
-    b32 = bank.float()
-    bank_sq = (b32 * b32).sum(dim=1)
-    out = []
-    for start in range(0, queries.shape[0], chunk):
-        q = queries[start : start + chunk]
-        idx = (bank_sq[None, :] - 2.0 * (q.float() @ b32.T)).argmin(dim=1)
-        diff = q.double() - bank[idx].double()
-        out.append(diff.pow(2).sum(dim=1).sqrt())
-    return torch.cat(out).float()
-
-
-def pool_map(patch: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
-    """(B,h,w,D) -> (B,h,w) distance to the nearest memory-bank patch."""
-    b, h, w, d = patch.shape
-    return knn_distance(patch.reshape(-1, d), bank).reshape(b, h, w)
-
-
-def personalized_map(patch: torch.Tensor, normal_patch: torch.Tensor, radius: int) -> torch.Tensor:
-    """(B,h,w,D) x (B,h,w,D) -> (B,h,w): min distance to the normal version's nearby patches.
-
-    The normal version is regenerated from noise, so it can be shifted by a patch; taking the
-    minimum over a small neighbourhood keeps that from reading as an anomaly.
-    """
-    assert patch.shape == normal_patch.shape
-    b, h, w, _ = patch.shape
-    best = torch.full((b, h, w), math.inf, dtype=torch.float64)
-    q = patch.double()
-    n = normal_patch.double()
-    for di in range(-radius, radius + 1):
-        for dj in range(-radius, radius + 1):
-            qi0, qi1 = max(0, -di), min(h, h - di)
-            qj0, qj1 = max(0, -dj), min(w, w - dj)
-            diff = q[:, qi0:qi1, qj0:qj1] - n[:, qi0 + di : qi1 + di, qj0 + dj : qj1 + dj]
-            dist = diff.pow(2).sum(-1).sqrt()
-            best[:, qi0:qi1, qj0:qj1] = torch.minimum(best[:, qi0:qi1, qj0:qj1], dist)
-    return best.float()
-
-
-def text_probability(features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
-    """(..., G) -> (...): probability of the anomalous prompt ensemble (WinCLIP)."""
-    f = F.normalize(features.double(), dim=-1)
-    logits = TEXT_LOGIT_SCALE * f @ text_features.double().T
-    return torch.softmax(logits, dim=-1)[..., 1].float()
-
-
-def cosine_distance_to_bank(g: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
-    """(B,G) x (S,G) -> (B,): 1 - the best cosine similarity."""
-    sim = F.normalize(g.double(), dim=-1) @ F.normalize(bank.double(), dim=-1).T
-    return (1.0 - sim.max(dim=1).values).float()
-
-
-def feature_stats(patch: torch.Tensor) -> torch.Tensor:
-    """(B,h,w,D) -> (B,2D): per-channel mean and std over the image (a texture descriptor).
-
-    A whole-image defect (a colour cast, a blur, a wrong weave) shifts these statistics even when
-    every single patch still has a close match somewhere in the memory bank.
-    """
-    x = patch.double().reshape(patch.shape[0], -1, patch.shape[-1])
-    return torch.cat([x.mean(dim=1), x.std(dim=1, unbiased=False)], dim=1)
-
-
-def stats_scale(bank: torch.Tensor) -> torch.Tensor:
-    """(S,2D) -> (2D,): per-dimension std of the shots' statistics, floored at the median's share."""
-    sd = bank.double().std(dim=0, unbiased=False) if bank.shape[0] > 1 else torch.zeros(bank.shape[1], dtype=torch.float64)
-    floor = max(float(sd.median()) * STATS_SCALE_FLOOR, float(bank.double().abs().mean()) * 1e-3, 1e-6)
-    return sd.clamp_min(floor)
-
-
-def stats_distance(stats: torch.Tensor, bank: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """(B,2D) -> (B,): scaled L2 distance to the nearest row of the shots' statistics (RMS per dim)."""
-    q = stats.double() / scale.double()
-    b = bank.double() / scale.double()
-    d2 = (q * q).sum(1, keepdim=True) - 2.0 * q @ b.T + (b * b).sum(1)[None, :]
-    return (d2.min(dim=1).values.clamp_min(0.0) / q.shape[1]).sqrt().float()
 
 
 # ----------------------------------------------------------------------------- maps -> scores
@@ -279,9 +227,14 @@ def fuse(
     fused_global = 0.0
     for b in config.branches:
         c, s = reference.norm_of(b)
+        if b in reference.ring_norm:
+            rc, rs = ring_constants(reference.ring_norm[b], *maps[b].shape[-2:])
+            standardized = ((maps[b].double() - torch.from_numpy(rc)) / torch.from_numpy(rs)).float()
+        else:
+            standardized = (maps[b] - c) / s
         gc, gs = reference.norm_of(f"global_{b}")
         w = config.weights[b] / total
-        fused_map = fused_map + w * (maps[b] - c) / s
+        fused_map = fused_map + w * standardized
         fused_global = fused_global + w * (globals_[b] - gc) / gs
     return fused_map, fused_global  # type: ignore[return-value]
 
@@ -326,6 +279,24 @@ def _standardization(values: list[torch.Tensor]) -> tuple[float, float]:
     return center, float(max(float(v.std(unbiased=False)), NORM_REL_FLOOR * abs(center), NORM_EPS))
 
 
+def border_ring_count(h: int, w: int, fraction: float) -> int:
+    """How many rings from the edge get their own constants: ``fraction`` of the grid side, at least 1."""
+    return max(1, round(fraction * min(h, w)))
+
+
+def _ring_standardization(maps: list[torch.Tensor], fraction: float,
+                          fallback: tuple[float, float]) -> list[tuple[float, float]]:
+    """Per border ring (center, scale) of good images' grid maps; an empty ring takes ``fallback``."""
+    h, w = maps[0].shape[-2:]
+    rings = border_ring_count(h, w, fraction)
+    idx = torch.from_numpy(ring_index(h, w, rings))
+    out = []
+    for r in range(rings + 1):
+        sel = [m.reshape(-1, h, w)[:, idx == r] for m in maps]
+        out.append(_standardization(sel) if sel[0].numel() else fallback)
+    return out
+
+
 def build_reference(
     shot_feats: list[dict[str, np.ndarray]],
     config: ScoringConfig,
@@ -367,6 +338,8 @@ def build_reference(
                 loo_maps.append(pool_map(_t(f["patch"][:1]).float(), obank.float()))
                 loo_globals.append(cosine_distance_to_bank(_t(f["global"][:1]).float(), ogbank.float()))
             ref.norm["pool"] = _standardization(loo_maps)
+            if config.border_fraction > 0:
+                ref.ring_norm["pool"] = _ring_standardization(loo_maps, config.border_fraction, ref.norm["pool"])
             ref.norm["global_pool"] = _standardization(loo_globals)
         if "text" in config.branches:
             if ref.text_features is None or "patch_text" not in originals:

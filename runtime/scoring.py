@@ -41,6 +41,8 @@ class ScoringParams:
     neighborhood: int
     norm: dict[str, tuple[float, float]] = field(default_factory=dict)
     stats_weight: float = 0.0  # global statistics branch; 0 = off (bundles before it)
+    # branch -> [(center, scale)] per border ring of the grid, the interior last (none = scalar norm)
+    ring_norm: dict[str, tuple[tuple[float, float], ...]] = field(default_factory=dict)
 
     @classmethod
     def from_manifest(cls, scoring: dict) -> "ScoringParams":
@@ -55,6 +57,7 @@ class ScoringParams:
             neighborhood=int(scoring["neighborhood"]),
             norm={k: (float(v[0]), float(v[1])) for k, v in scoring.get("norm", {}).items()},
             stats_weight=float(scoring.get("stats_weight", 0.0)),
+            ring_norm={k: tuple((float(c), float(sc)) for c, sc in v) for k, v in scoring.get("ring_norm", {}).items()},
         )
 
 
@@ -185,6 +188,20 @@ def upsample_and_smooth(grid_maps: np.ndarray, size: int, sigma: float) -> np.nd
     return np.einsum("sh,bhw,tw->bst", ay, grid_maps.astype(np.float64), ax, optimize=True)
 
 
+def ring_index(h: int, w: int, rings: int) -> np.ndarray:
+    """(h,w): each grid cell's distance to the nearest edge, capped at ``rings`` (the interior)."""
+    i, j = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    return np.minimum(np.minimum(np.minimum(i, j), np.minimum(h - 1 - i, w - 1 - j)), rings)
+
+
+@lru_cache(maxsize=16)
+def ring_constants(ring_norm: tuple[tuple[float, float], ...], h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """(center, scale) maps (h,w) of per-ring standardization constants."""
+    table = np.asarray(ring_norm, dtype=np.float64)
+    idx = ring_index(h, w, len(table) - 1)
+    return table[idx, 0], table[idx, 1]
+
+
 def topk_mean(maps: np.ndarray, fraction: float) -> np.ndarray:
     flat = maps.reshape(maps.shape[0], -1)
     k = max(1, int(round(fraction * flat.shape[1])))
@@ -258,6 +275,8 @@ class Scorer:
         fused_global: np.ndarray | float = 0.0
         for b in p.branches:
             c, s = p.norm.get(b, (0.0, 1.0))
+            if b in p.ring_norm:  # per border ring (scoring.py, border_fraction)
+                c, s = ring_constants(p.ring_norm[b], *maps[b].shape[-2:])
             gc, gs = p.norm.get(f"global_{b}", (0.0, 1.0))
             w = p.weights[b] / total
             fused_map = fused_map + w * (maps[b] - c) / s

@@ -10,7 +10,9 @@ from o2n_edge.scoring import (
     ScoringConfig,
     augment_views,
     build_reference,
+    ring_index,
     score,
+    scoring_manifest,
     upsample_and_smooth,
 )
 
@@ -33,7 +35,7 @@ def _text_features(rng: np.random.Generator, g: int = 8) -> np.ndarray:
 
 
 def _params(config: ScoringConfig, ref) -> ScoringParams:
-    return ScoringParams.from_manifest({**config.to_dict(), "norm": {k: list(v) for k, v in ref.norm.items()}})
+    return ScoringParams.from_manifest(scoring_manifest(config, ref))
 
 
 @pytest.mark.parametrize("branches", [("pool",), ("text",), ("personalized",), ("personalized", "pool", "text")])
@@ -77,6 +79,40 @@ def test_stats_branch_matches_reference(shots: int) -> None:
     off = score(query, ref, ScoringConfig(branches=("pool",), weights={"pool": 1.0}, image_size=40,
                                           topk_fraction=0.02, smoothing_sigma=2.0))
     assert off.stats is None and not np.allclose(off.scores, expected.scores)
+
+
+@pytest.mark.parametrize("shots", [1, 2])
+def test_border_rings_match_reference_and_lift_an_inner_defect(shots: int) -> None:
+    """Per-ring standardization: numpy equals torch, and a border that is far from the bank in every
+    good image no longer outranks a defect inside (the reason the lite profile uses it)."""
+    rng = np.random.default_rng(20 + shots)
+    h = 10
+
+    def images(b: int) -> dict:
+        f = _feats(rng, b, h=h, text=False)
+        edge = ring_index(h, h, 1) == 0
+        f["patch"][:, edge] += rng.normal(scale=4.0, size=(b, int(edge.sum()), 16)).astype(np.float32)
+        return f
+
+    shot_feats = [images(6) for _ in range(shots)]
+    base = dict(branches=("pool",), weights={"pool": 1.0}, image_size=40, topk_fraction=0.01, smoothing_sigma=1.0,
+                global_weight=0.0)
+    rings = ScoringConfig(**base, border_fraction=0.2)
+    ref = build_reference(shot_feats, rings)
+    assert len(ref.ring_norm["pool"]) == 3
+    assert ref.ring_norm["pool"][0][0] > ref.ring_norm["pool"][2][0]  # the border is farther from the bank
+    query = images(6)
+    query["patch"][3:, 4:6, 4:6] += 3.0  # a small defect inside images 3, 4, 5
+    expected = score(query, ref, rings)
+    got = Scorer(_params(rings, ref), ref.memory_bank, ref.global_bank, None).score(query)
+    np.testing.assert_allclose(got.scores, expected.scores, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(got.maps, expected.maps, rtol=RTOL, atol=ATOL)
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    from sklearn.metrics import roc_auc_score
+
+    plain = score(query, build_reference(shot_feats, ScoringConfig(**base)), ScoringConfig(**base))
+    assert roc_auc_score(labels, expected.scores) == 1.0
+    assert roc_auc_score(labels, expected.scores) > roc_auc_score(labels, plain.scores)
 
 
 def test_upsample_smooth_matrix_matches_torch() -> None:

@@ -63,7 +63,8 @@ class TorchPipeline:
                                     image_size=int(s["image_size"]), topk_fraction=float(s["topk_fraction"]),
                                     global_weight=float(s["global_weight"]),
                                     smoothing_sigma=float(s["smoothing_sigma"]), neighborhood=int(s["neighborhood"]),
-                                    stats_weight=float(s.get("stats_weight", 0.0)))
+                                    stats_weight=float(s.get("stats_weight", 0.0)),
+                                    border_fraction=float(s.get("border_fraction", 0.0)))
         branches = self.config.branches
         self.reference = Reference(
             memory_bank=self.bundle.array("memory_bank") if "pool" in branches else np.zeros((1, 1), np.float32),
@@ -72,6 +73,7 @@ class TorchPipeline:
             norm={k: (float(v[0]), float(v[1])) for k, v in s.get("norm", {}).items()},
             stats_bank=self.bundle.array("stats_bank") if self.config.stats_weight > 0 else None,
             stats_scale=self.bundle.array("stats_scale") if self.config.stats_weight > 0 else None,
+            ring_norm={k: [(float(c), float(sc)) for c, sc in v] for k, v in s.get("ring_norm", {}).items()},
         )
         self.image_size = int(m["image_size"])
         self.uses_transform = "personalized" in branches
