@@ -1,14 +1,15 @@
 """Accuracy of the issue-11 detection core against the v1 baseline, same harness (`evaluate`).
 
-Runs the lite profile as it now stands (self-tuned settings from the shots alone, global
-statistics branch, JPEG draft decode, the exported coreset) on hazelnut, tire and textile at
+Runs the lite profile as it now stands (its default setting, or with ``--self-tune`` the setting
+chosen from the shots alone; ``--image-size`` for the fast setting; JPEG draft decode and the
+exported coreset as a bundle scores) on hazelnut, tire and textile at
 1/2/4 shots x seeds 0/1/2, shots-only memory bank. Every finished (category, shots, seed) run is
 appended to ``benchmarks/results/<name>.runs.jsonl`` at once (a killed run resumes there), and
 the JSON + markdown table are rewritten after each, with the baseline's figures
 (``--baseline``, measured by ``benchmarks.accuracy`` with the v1 defaults) beside them.
 
 Usage: python -m benchmarks.accuracy_v2 [--name accuracy_lite_v2] [--baseline accuracy_lite_v1_baseline]
-           [--only tire,textile] [--shots 1,2,4] [--seeds 0,1,2] [--fixed]
+           [--only tire,textile] [--shots 1,2,4] [--seeds 0,1,2] [--image-size 224] [--self-tune]
 """
 
 from __future__ import annotations
@@ -95,8 +96,9 @@ def main() -> None:
     ap.add_argument("--only", default=None)
     ap.add_argument("--shots", default="1,2,4")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--fixed", action="store_true", help="the profile's fixed encoder, no self-tuning")
-    ap.add_argument("--stats-weight", type=float, default=None, help="with --fixed: the global branch's weight")
+    ap.add_argument("--self-tune", action="store_true", help="choose each run's setting from its shots (profiles.with_self_tuning)")
+    ap.add_argument("--image-size", type=int, default=None, help="the encoder's input side (224 = the fast setting)")
+    ap.add_argument("--stats-weight", type=float, default=None, help="the global statistics branch's weight")
     ap.add_argument("--merge", default=None,
                     help="comma list of result names whose .runs.jsonl are combined into --name (no runs)")
     args = ap.parse_args()
@@ -105,13 +107,18 @@ def main() -> None:
     torch.set_num_threads(1)
     from dataclasses import replace
 
+    from o2n_edge.evaluation import fixed_setting
+    from o2n_edge.profiles import with_image_size, with_self_tuning
+
     profile = get_profile("lite")
-    if args.fixed:
-        profile = replace(profile, self_tune=())
-        if args.stats_weight is not None:
-            profile = replace(profile, stats_weight=args.stats_weight)
-    variant = (f"shots-only, fixed (statistics weight {profile.stats_weight:g})" if args.fixed
-               else "shots-only, self-tuned")
+    if args.self_tune:
+        profile = with_self_tuning(profile)
+    if args.image_size is not None:
+        profile = with_image_size(profile, args.image_size)
+    if args.stats_weight is not None:
+        profile = replace(profile, stats_weight=args.stats_weight)
+    variant = ("shots-only, self-tuned" if profile.self_tune
+               else f"shots-only, fixed: {fixed_setting(profile)}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     jsonl = RESULTS / f"{args.name}.runs.jsonl"
     records = [json.loads(x) for x in jsonl.read_text().splitlines()] if jsonl.exists() else []
@@ -135,8 +142,10 @@ def main() -> None:
             f"# {args.name}\n\nlite profile, {variant}; percent, mean ± std over seeds; v1 = `{args.baseline}` "
             f"(same harness, v1 defaults: Lite0 at 224 px, layers 2+4, no statistics branch, whole bank). "
             f"v2 scores with the exported coreset ({profile.coreset_ratio}) and JPEG draft decode = "
-            f"{profile.jpeg_draft}; each run's setting is chosen from its shots alone (pseudo-validation "
-            f"scores in the JSON). Written by `python -m benchmarks.accuracy_v2`.\n\n" + md)
+            f"{profile.jpeg_draft}; "
+            + ("each run's setting is chosen from its shots alone (pseudo-validation scores in the JSON). "
+               if profile.self_tune else "one setting for every category and run. ")
+            + f"Written by `python -m benchmarks.accuracy_v2`.\n\n" + md)
 
     for dataset, root, category in ([] if args.merge else SETS):
         if args.only and category not in args.only.split(","):

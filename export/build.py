@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from o2n_edge.data import Dataset, load_dataset, load_image, sample_shots
-from o2n_edge.profiles import get_profile, parse_branches
+from o2n_edge.profiles import get_profile, parse_branches, with_image_size, with_self_tuning
 
 log = logging.getLogger("o2n_edge.export")
 
@@ -45,6 +45,8 @@ class ExportOptions:
     precision: str = "fp32"
     pool_size: int | None = None
     coreset_ratio: float | None = None
+    image_size: int | None = None  # encoder input side (None = the profile's; lite: 224 is the fast setting)
+    self_tune: bool = False  # choose the setting from the shots alone (profiles.with_self_tuning)
     threshold_quantile: float = THRESHOLD_QUANTILE
     force: bool = False
     progress: bool = True
@@ -103,6 +105,10 @@ def export_bundle(opts: ExportOptions) -> ExportSummary:
         profile = replace(profile, diffusion=replace(profile.diffusion, base_model=str(opts.base_model)))
     if opts.encoder_checkpoint is not None:
         profile = replace(profile, encoder=replace(profile.encoder, checkpoint=str(opts.encoder_checkpoint)))
+    if opts.self_tune:
+        profile = with_self_tuning(profile)
+    if opts.image_size is not None:
+        profile = with_image_size(profile, opts.image_size)
     branches = parse_branches(opts.branches, profile)
     config = ScoringConfig.from_profile(profile, branches)
     out = Path(opts.out)

@@ -237,11 +237,23 @@ def evaluate(
         "num_test": len(samples),
         "num_anomalous": int(labels.sum()),
         "self_tuned": tuned,
+        "setting": None if tuned else fixed_setting(profile),
         "coreset": coreset,
         "runs": runs,
         "summary": summarize(runs),
         "wall_s": round(time.perf_counter() - t_start, 3),
     }
+
+
+def fixed_setting(profile: Profile) -> str:
+    """One line naming what a fixed (not self-tuned) profile scores with, as ``eval`` prints it."""
+    e = profile.encoder
+    if not e.kind.startswith("efficientnet_lite"):
+        return f"{e.kind} {e.model_name} at {e.input_size} px"
+    from o2n_edge.tuning import Candidate
+
+    return (f"{Candidate.from_profile(profile).name}, border rings {profile.border_fraction:g}, "
+            f"global cosine weight {profile.global_weight:g}")
 
 
 def summarize(runs: list[dict]) -> list[dict]:

@@ -107,15 +107,14 @@ class Profile:
         return self.default_branch_names or self.branches
 
 
-# What the lite profile's self-tuning chooses from per category (o2n_edge.tuning.Candidate fields),
-# cheapest first. Narrowed by benchmarks/results/feature_sweep_pilot*.md (tire and textile, 4 shots,
-# seed 0): 320 px and 2x2 tiles localise better (tire PRO 84.6 -> 92.5) but lose image AUROC on tire
-# (76.7 -> 63.8), layers 2+3 lose to 2+4 on tire, and the global statistics branch gains on textile
-# (75.4 -> 79.1) while it costs on tire (76.7 -> 72.5): the weight of that branch is what varies.
-LITE_SELF_TUNE = (
-    {"kind": "efficientnet_lite0", "image_size": 224, "layers": (2, 4), "aggregation": 3, "stats_weight": 0.0},
-    {"kind": "efficientnet_lite0", "image_size": 224, "layers": (2, 4), "aggregation": 3, "stats_weight": 0.5},
-    {"kind": "efficientnet_lite0", "image_size": 224, "layers": (2, 4), "aggregation": 3, "stats_weight": 1.0},
+# What `--self-tune` lets the lite profile choose from per category (o2n_edge.tuning.Candidate
+# fields), cheapest first: the resolution (224 px is ~4x faster, 448 px sees small defects) and the
+# weight of the global statistics branch. Off by default: on textile the pseudo-validation prefers
+# no statistics branch where the test set gains 12-15 AUROC points from it, and it saturates at 100
+# with one shot (benchmarks/results/accuracy_lite_v3.md, "self-tuning").
+LITE_SELF_TUNE = tuple(
+    {"kind": "efficientnet_lite0", "image_size": size, "layers": (2, 4), "aggregation": 3, "stats_weight": w}
+    for size in (224, 448) for w in (0.0, 0.5, 1.0)
 )
 
 PROFILES: dict[str, Profile] = {
@@ -130,7 +129,12 @@ PROFILES: dict[str, Profile] = {
     ),
     "lite": Profile(
         name="lite",
-        encoder=EncoderSpec(kind="efficientnet_lite0", image_size=224),
+        # Detection core v3 (issue 11, benchmarks/results/accuracy_lite_v3.md): Lite0 at 448 px so
+        # a defect of a few pixels spans grid cells; the pool map standardized per border ring
+        # (15% of the grid side), without which the border sets every image's score; the global
+        # statistics branch at 0.5 for whole-image defects; no global cosine term (it cost tire
+        # 5-10 points at 1-2 shots). `--image-size 224` is the faster setting.
+        encoder=EncoderSpec(kind="efficientnet_lite0", image_size=448),
         # TAEF2 latents (pretrained, shipped) at 128 px + a local denoiser trained on latent crops
         # at t <= strength: one step from `strength` is its own x0 prediction, so there is nothing
         # to distil (distill records the student = teacher and its distances).
@@ -141,7 +145,9 @@ PROFILES: dict[str, Profile] = {
         has_text=False,
         coreset_ratio=0.1,
         jpeg_draft=True,
-        self_tune=LITE_SELF_TUNE,
+        stats_weight=0.5,
+        global_weight=0.0,
+        border_fraction=0.15,
         fusion_selection="loo",
         # The honest default (issue 10): on a CPU the memory bank does the work. No variant of the
         # lite transform beat the shots-only bank on two of hazelnut, tire and textile
@@ -167,6 +173,42 @@ def get_profile(name: str, **overrides: object) -> Profile:
         raise ValueError(f"unknown profile {name!r}: choose one of {', '.join(PROFILE_NAMES)}")
     profile = PROFILES[name]
     return replace(profile, **overrides) if overrides else profile
+
+
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 1024
+
+
+def with_image_size(profile: Profile, size: int) -> Profile:
+    """``profile`` scoring at ``size`` px (``--image-size``): the speed/small-defect trade-off.
+
+    A self-tuning profile tunes at that size only (its candidates' sizes are replaced), so the
+    choice the user made is never overruled by the pseudo-validation.
+    """
+    if isinstance(size, bool) or not isinstance(size, int) or not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
+        raise ValueError(f"--image-size must be an integer from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} px, got {size!r}")
+    if profile.encoder.kind == "open_clip" and profile.encoder.model_name != "tiny":
+        raise ValueError(f"--image-size applies to the EfficientNet-Lite profiles; {profile.name!r} uses "
+                         f"{profile.encoder.model_name} at its fixed {profile.encoder.image_size} px")
+    tuned = _unique(dict(c, image_size=size) if isinstance(c, dict) else replace(c, image_size=size)
+                    for c in profile.self_tune)
+    return replace(profile, encoder=replace(profile.encoder, image_size=size), self_tune=tuned)
+
+
+def _unique(items) -> tuple:
+    """Items in order, repeats dropped (dicts are not hashable, so by equality)."""
+    out: list = []
+    for item in items:
+        if item not in out:
+            out.append(item)
+    return tuple(out)
+
+
+def with_self_tuning(profile: Profile) -> Profile:
+    """``profile`` choosing its setting per category from the shots alone (``--self-tune``)."""
+    if not profile.encoder.kind.startswith("efficientnet_lite"):
+        raise ValueError(f"--self-tune chooses among EfficientNet-Lite settings; profile {profile.name!r} "
+                         f"uses {profile.encoder.kind}")
+    return replace(profile, self_tune=LITE_SELF_TUNE)
 
 
 def parse_branches(text: str | None, profile: Profile) -> tuple[str, ...]:

@@ -31,7 +31,8 @@ from o2n_edge.encoders.efficientnet import (  # noqa: E402
 from o2n_edge.profiles import PROFILES, EncoderSpec  # noqa: E402
 
 TINY_SPEC = PROFILES["tiny"].encoder
-LITE_SPEC = PROFILES["lite"].encoder
+# The encoder mechanics are pinned at 224 px (the fast setting; the lite default is 448 px).
+LITE_SPEC = replace(PROFILES["lite"].encoder, image_size=224)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 ONNX_OPSET = 17

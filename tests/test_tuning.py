@@ -87,3 +87,17 @@ def test_eval_self_tunes_per_run_and_reports_it(shared_data: Path) -> None:
     assert res["self_tuned"] and run["setting"] == run["tuning"]["chosen"]["name"]
     assert run["tuning"]["folds"] == 1 and len(run["tuning"]["candidates"]) == 2
     assert 0.5 < run["image_auroc"] <= 1.0 and res["summary"][0]["settings"] == [run["setting"]]
+
+
+def test_with_image_size_moves_the_encoder_and_every_candidate() -> None:
+    """--image-size is the user's speed choice: self-tuning must not overrule it."""
+    from o2n_edge.profiles import with_image_size
+
+    lite = get_profile("lite")
+    fast = with_image_size(lite, 224)
+    assert fast.encoder.image_size == 224 and fast.encoder.input_size == 224
+    sizes = {c["image_size"] if isinstance(c, dict) else c.image_size for c in fast.self_tune}
+    assert sizes <= {224}
+    assert len(fast.self_tune) <= len(lite.self_tune)
+    with pytest.raises(ValueError, match="--image-size"):
+        with_image_size(lite, 10)

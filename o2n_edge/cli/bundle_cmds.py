@@ -12,6 +12,8 @@ from o2n_edge.cli.common import (
     USER_ERRORS,
     DataOpt,
     DatasetOpt,
+    ImageSizeOpt,
+    SelfTuneOpt,
     ProfileOpt,
     app,
     fail,
@@ -32,6 +34,8 @@ def export_cmd(
     branches: Optional[str] = typer.Option(None, "--branches", help="Comma list of personalized, pool, text (default: all the profile has)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 or fp16 graphs (fp16 keeps overflow-prone layers in fp32)."),
     pool_size: Optional[int] = typer.Option(None, "--pool-size", help="Generated images added to the memory bank (0 = shots only)."),
+    image_size: Optional[int] = ImageSizeOpt,
+    self_tune: bool = SelfTuneOpt,
     coreset: Optional[float] = typer.Option(None, "--coreset", help="Keep this fraction of the memory bank (greedy k-center; 1 = whole bank); default: the profile's (lite 0.1; others only above 50,000 rows)."),
     quantile: float = typer.Option(0.99, "--threshold-quantile", help="Threshold = this quantile of held-out good images' scores."),
     trt: bool = typer.Option(False, "--trt", help="Also build TensorRT engines (needs an NVIDIA GPU and o2n-edge[trt])."),
@@ -58,6 +62,7 @@ def export_cmd(
             category=category, out=target, profile=profile, data=data,
             dataset=None if dataset == "auto" else dataset, shots=shots, seed=seed, run_dir=run, runs_dir=runs_dir,
             branches=branches, precision=precision, pool_size=pool_size, coreset_ratio=coreset,
+            image_size=image_size, self_tune=self_tune,
             threshold_quantile=quantile, force=force, progress=progress,
             personalize_steps=personalize_steps, distill_steps=distill_steps, base_model=base_model,
             encoder_checkpoint=encoder_checkpoint,
@@ -107,11 +112,15 @@ def _settings_line(m: dict) -> str | None:
     tiles = f" in {tiling['tiles']}x{tiling['tiles']} tiles" if tiling.get("tiles", 1) > 1 else ""
     line = (f"{enc.get('kind', enc.get('encoder'))} at {m.get('image_size')} px{tiles}, layers {enc.get('layers', '?')}, "
             f"aggregation {enc.get('aggregation', '?')}, statistics weight {m.get('scoring', {}).get('stats_weight', 0)}, "
+            f"border rings {m.get('scoring', {}).get('border_fraction', 0)}, "
+            f"global cosine weight {m.get('scoring', {}).get('global_weight', '?')}, "
             f"JPEG draft {m.get('decode', {}).get('jpeg_draft', False)}")
     tuning = m.get("tuning")
     if tuning:
         line += (f"; self-tuned: {tuning['chosen']['name']} (pseudo-validation AUROC "
                  f"{100 * tuning['pseudo_auroc']:.1f} over {len(tuning['candidates'])} candidates)")
+    else:
+        line += "; fixed (export --self-tune chooses per category)"
     return line
 
 

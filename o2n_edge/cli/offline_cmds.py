@@ -11,6 +11,8 @@ from o2n_edge.cli.common import (
     USER_ERRORS,
     DataOpt,
     DatasetOpt,
+    ImageSizeOpt,
+    SelfTuneOpt,
     ProfileOpt,
     app,
     fail,
@@ -34,6 +36,9 @@ def eval_cmd(
     personalize_steps: Optional[int] = typer.Option(None, "--personalize-steps", help="With --personalize: optimizer steps per run (default: the profile's)."),
     distill_steps: Optional[int] = typer.Option(None, "--distill-steps", help="With --personalize: distillation steps per run (default: the profile's)."),
     split_csv: Optional[Path] = typer.Option(None, "--split-csv", help="VisA official split csv (default: <data>/split_csv/1cls.csv when present)."),
+    image_size: Optional[int] = ImageSizeOpt,
+    self_tune: bool = SelfTuneOpt,
+    coreset: Optional[float] = typer.Option(None, "--coreset", help="Score with this fraction of the memory bank, as an exported bundle does (greedy k-center; 1 = whole bank); default: the profile's (lite 0.1)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result document (per run and mean ± std) to this JSON file."),
     markdown_out: Optional[Path] = typer.Option(None, "--markdown", help="Also write the table as markdown to this file."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars on stderr."),
@@ -42,7 +47,7 @@ def eval_cmd(
     try:
         from o2n_edge.data import load_dataset
         from o2n_edge.evaluation import evaluate
-        from o2n_edge.profiles import get_profile, parse_branches
+        from o2n_edge.profiles import get_profile, parse_branches, with_image_size, with_self_tuning
         from o2n_edge.report import markdown_table, print_table
 
         if dataset == "textile" and category is None:
@@ -50,6 +55,13 @@ def eval_cmd(
         if category is None:
             fail("--category is required (e.g. --category hazelnut), except with --dataset textile")
         prof = get_profile(profile)
+        if self_tune:
+            prof = with_self_tuning(prof)
+        if image_size is not None:
+            prof = with_image_size(prof, image_size)
+        if coreset is not None and not 0.0 < coreset <= 1.0:
+            fail(f"--coreset must be a fraction in (0, 1] (1 = the whole bank), got {coreset}")
+        ratio = coreset if coreset is not None else prof.coreset_ratio
         personalized_run = run is not None or personalize
         default_branches = (prof.default_branches if personalized_run
                             else tuple(b for b in prof.default_branches if b != "personalized"))
@@ -64,12 +76,15 @@ def eval_cmd(
         elif "personalized" in chosen:
             fail("--branches personalized needs --run RUN_DIR or --personalize")
         result = evaluate(ds, prof, parse_int_list(shots, "--shots"), parse_int_list(seeds, "--seeds"), chosen,
-                          normal_provider=provider, progress=progress)
+                          normal_provider=provider, progress=progress,
+                          coreset=ratio if ratio is not None and ratio < 1.0 else None)
     except typer.Exit:
         raise
     except USER_ERRORS as exc:
         fail(str(exc))
     print_table([result])
+    if result.get("setting"):
+        typer.echo(f"setting: {result['setting']} (fixed; --self-tune chooses per category from the shots)")
     if result.get("self_tuned"):
         for r in result["runs"]:
             t = r["tuning"]
