@@ -18,7 +18,13 @@ from pathlib import Path
 import numpy as np
 
 from o2n_edge.data import Dataset, load_dataset, load_image, sample_shots
-from o2n_edge.profiles import get_profile, parse_branches, with_image_size, with_self_tuning
+from o2n_edge.profiles import (
+    get_profile,
+    parse_branches,
+    with_image_size,
+    with_self_tuning,
+    with_stats_weight,
+)
 
 log = logging.getLogger("o2n_edge.export")
 
@@ -47,6 +53,7 @@ class ExportOptions:
     coreset_ratio: float | None = None
     image_size: int | None = None  # encoder input side (None = the profile's; lite: 224 is the fast setting)
     self_tune: bool = False  # choose the setting from the shots alone (profiles.with_self_tuning)
+    stats_weight: float | None = None  # global statistics branch weight (None = the profile's)
     threshold_quantile: float = THRESHOLD_QUANTILE
     force: bool = False
     progress: bool = True
@@ -109,6 +116,8 @@ def export_bundle(opts: ExportOptions) -> ExportSummary:
         profile = with_self_tuning(profile)
     if opts.image_size is not None:
         profile = with_image_size(profile, opts.image_size)
+    if opts.stats_weight is not None:
+        profile = with_stats_weight(profile, opts.stats_weight)
     branches = parse_branches(opts.branches, profile)
     config = ScoringConfig.from_profile(profile, branches)
     out = Path(opts.out)

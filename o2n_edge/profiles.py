@@ -203,6 +203,20 @@ def _unique(items) -> tuple:
     return tuple(out)
 
 
+def with_stats_weight(profile: Profile, weight: float) -> Profile:
+    """``profile`` with the global statistics branch at ``weight`` (``--stats-weight``; 0 = off).
+
+    The branch finds whole-image defects (a wrong weave, a colour cast) that no patch gives away
+    and costs a few points where good parts vary globally (lighting): the user who knows the
+    category can set it.
+    """
+    if not 0.0 <= float(weight) <= 10.0:
+        raise ValueError(f"--stats-weight must be between 0 (off) and 10, got {weight}")
+    tuned = tuple(dict(c, stats_weight=float(weight)) if isinstance(c, dict) else replace(c, stats_weight=float(weight))
+                  for c in profile.self_tune)
+    return replace(profile, stats_weight=float(weight), self_tune=_unique(tuned))
+
+
 def with_self_tuning(profile: Profile) -> Profile:
     """``profile`` choosing its setting per category from the shots alone (``--self-tune``)."""
     if not profile.encoder.kind.startswith("efficientnet_lite"):

@@ -47,12 +47,12 @@ def test_eval_lite_prints_its_setting_and_scores_with_the_coreset(shared_data: P
     """The lite default is one fixed setting: eval says which, and scores with the bank a bundle ships."""
     out = tmp_path / "r.json"
     res = runner.invoke(app, ["eval", "--data", str(shared_data / "hazelnut_toy"), "--category", "hazelnut",
-                              "--profile", "lite", "--image-size", "224", "--shots", "2", "--seeds", "0",
+                              "--profile", "lite", "--image-size", "224", "--stats-weight", "1", "--shots", "2", "--seeds", "0",
                               "--no-progress", "--json", str(out)])
     assert res.exit_code == 0, res.output
     doc = json.loads(out.read_text())
     assert not doc["self_tuned"] and doc["coreset"] == 0.1
-    assert doc["setting"].startswith("lite0@224 L2,4 k3 g0.5, border rings 0.15")
+    assert doc["setting"].startswith("lite0@224 L2,4 k3 g1, border rings 0.15")
     assert f"setting: {doc['setting']} (fixed" in res.output
     assert doc["runs"][0]["image_auroc"] > 0.9  # hazelnut's blue paint is easy at any setting
 
@@ -70,6 +70,7 @@ def test_eval_lite_prints_its_setting_and_scores_with_the_coreset(shared_data: P
         (["--category", "hazelnut", "--image-size", "5000"], "--image-size"),
         (["--category", "hazelnut", "--image-size", "448", "--profile", "sd15"], "fixed 240 px"),
         (["--category", "hazelnut", "--coreset", "0"], "--coreset"),
+        (["--category", "hazelnut", "--stats-weight", "-1"], "--stats-weight"),
     ],
 )
 def test_eval_user_errors_are_one_line(shared_data: Path, args: list[str], message: str) -> None:

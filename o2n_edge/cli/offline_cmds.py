@@ -13,6 +13,7 @@ from o2n_edge.cli.common import (
     DatasetOpt,
     ImageSizeOpt,
     SelfTuneOpt,
+    StatsWeightOpt,
     ProfileOpt,
     app,
     fail,
@@ -38,6 +39,7 @@ def eval_cmd(
     split_csv: Optional[Path] = typer.Option(None, "--split-csv", help="VisA official split csv (default: <data>/split_csv/1cls.csv when present)."),
     image_size: Optional[int] = ImageSizeOpt,
     self_tune: bool = SelfTuneOpt,
+    stats_weight: Optional[float] = StatsWeightOpt,
     coreset: Optional[float] = typer.Option(None, "--coreset", help="Score with this fraction of the memory bank, as an exported bundle does (greedy k-center; 1 = whole bank); default: the profile's (lite 0.1)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result document (per run and mean ± std) to this JSON file."),
     markdown_out: Optional[Path] = typer.Option(None, "--markdown", help="Also write the table as markdown to this file."),
@@ -47,7 +49,13 @@ def eval_cmd(
     try:
         from o2n_edge.data import load_dataset
         from o2n_edge.evaluation import evaluate
-        from o2n_edge.profiles import get_profile, parse_branches, with_image_size, with_self_tuning
+        from o2n_edge.profiles import (
+            get_profile,
+            parse_branches,
+            with_image_size,
+            with_self_tuning,
+            with_stats_weight,
+        )
         from o2n_edge.report import markdown_table, print_table
 
         if dataset == "textile" and category is None:
@@ -59,6 +67,8 @@ def eval_cmd(
             prof = with_self_tuning(prof)
         if image_size is not None:
             prof = with_image_size(prof, image_size)
+        if stats_weight is not None:
+            prof = with_stats_weight(prof, stats_weight)
         if coreset is not None and not 0.0 < coreset <= 1.0:
             fail(f"--coreset must be a fraction in (0, 1] (1 = the whole bank), got {coreset}")
         ratio = coreset if coreset is not None else prof.coreset_ratio
