@@ -15,7 +15,7 @@ standardized ring by ring from the grid's edge (``border_fraction``): a border p
 sits farther from the memory bank than an inner one (the convolutions see padding there, and the
 bank holds few border patches to match it), so with one constant the image score of every image
 is set by its border and a small defect inside never wins the top-k (measured on the textile set's
-small local defects: ``benchmarks/results/accuracy_lite_v2.md``). The fused map is
+small local defects: ``benchmarks/results/scoring_sweep_issue11.md``). The fused map is
 upsampled to the image size and smoothed, and the image score is its top-k mean plus the
 weighted fused global score. Every constant lives in :class:`Reference`, which the export
 writes into the bundle: nothing stays behind in Python.

@@ -36,6 +36,10 @@ def test_tiled_stats_bundle_matches_reference(tiled_bundle, shared_data: Path) -
     assert m["image_size"] == 96 + 64 and m["encoder"]["tiling"] == {"tile": 96, "tiles": 2, "step": 64, "side": 160}
     assert m["decode"] == {"jpeg_draft": True} and m["scoring"]["stats_weight"] == 1.0
     assert "global_stats" in m["scoring"]["norm"] and "stats_bank.npy" in m["files"]
+    # border rings (lite default 15% of the grid side): the 20-cell stitched grid gets 3 rings + interior,
+    # each with its own constants (on hazelnut the part sits in the middle: the interior is the far one)
+    rings = m["scoring"]["ring_norm"]["pool"]
+    assert m["scoring"]["border_fraction"] == 0.15 and len(rings) == 4 and len({c for c, _ in rings}) == 4
     assert tiled_bundle.parity["max_abs"] < 1e-3  # export's own runtime-vs-torch check
     pipe = OrtPipeline(tiled_bundle.bundle)
     assert pipe.layout.count == 4 and pipe.jpeg_draft
@@ -58,3 +62,4 @@ def test_inspect_prints_the_settings(tiled_bundle) -> None:
     assert res.exit_code == 0, res.output
     line = json.loads(res.output)["settings"]
     assert "2x2 tiles" in line and "layers [2, 3]" in line and "statistics weight 1.0" in line and "JPEG draft True" in line
+    assert "border rings 0.15" in line and "global cosine weight 0.0" in line and "fixed" in line
