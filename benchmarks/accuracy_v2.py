@@ -86,6 +86,11 @@ def summarize(records: list[dict], base: dict, variant: str) -> tuple[list[dict]
         lines.append("")
         lines.append(f"Mean image AUROC over tire and textile ({len(head)} shot settings): v1 {100 * v1:.1f} -> "
                      f"v2 {100 * v2:.1f} ({100 * (v2 - v1):+.1f} points).")
+    both = [r for r in rows if r.get("image_auroc") and r["baseline"].get("image_auroc")]
+    if both:
+        worst = min(both, key=lambda r: r["image_auroc"]["mean"] - r["baseline"]["image_auroc"]["mean"])
+        d = 100 * (worst["image_auroc"]["mean"] - worst["baseline"]["image_auroc"]["mean"])
+        lines.append(f"Smallest change of any set and shot count: {worst['category']} k={worst['shots']} {d:+.1f} points.")
     return rows, "\n".join(lines) + "\n"
 
 

@@ -285,15 +285,26 @@ def border_ring_count(h: int, w: int, fraction: float) -> int:
 
 
 def _ring_standardization(maps: list[torch.Tensor], fraction: float,
-                          fallback: tuple[float, float]) -> list[tuple[float, float]]:
-    """Per border ring (center, scale) of good images' grid maps; an empty ring takes ``fallback``."""
+                          whole: tuple[float, float]) -> list[tuple[float, float]]:
+    """Per border ring (center, scale) of good images' grid maps.
+
+    Each ring's scale is floored at the whole map's (``whole``): a ring of plain background that
+    varies little between the shots would otherwise magnify any change there (measured: tire at
+    2 shots, pixel AUROC 96 -> 64 with the heat map lit along the background rings). The center
+    is the ring's own: that is what removes the border's excess distance. An empty ring takes
+    ``whole``.
+    """
     h, w = maps[0].shape[-2:]
     rings = border_ring_count(h, w, fraction)
     idx = torch.from_numpy(ring_index(h, w, rings))
     out = []
     for r in range(rings + 1):
         sel = [m.reshape(-1, h, w)[:, idx == r] for m in maps]
-        out.append(_standardization(sel) if sel[0].numel() else fallback)
+        if not sel[0].numel():
+            out.append(whole)
+            continue
+        center, scale = _standardization(sel)
+        out.append((center, max(scale, whole[1])))
     return out
 
 
