@@ -55,7 +55,9 @@ def test_choice_follows_what_the_normal_versions_show() -> None:
         return images.copy()
 
     good = choose_weights_loo(shots, _encode, informative, cfg, augment_views, seed=0)
-    assert good["weights"]["personalized"] == max(CANDIDATES) and good["weights"]["pool"] == 1.0
+    # lite scores without the global cosine term (issue 11), so the informative transform's gain
+    # shows in the maps only: it earns at least the bank's weight, the useless one the least
+    assert good["weights"]["personalized"] >= 1.0 and good["weights"]["pool"] == 1.0
     assert set(good["auroc"]) == {str(w) for w in CANDIDATES}
     bad = choose_weights_loo(shots, _encode, useless, cfg, augment_views, seed=0)
     assert bad["weights"]["personalized"] == min(CANDIDATES)  # ties go to the memory bank
