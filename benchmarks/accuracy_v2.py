@@ -110,18 +110,12 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from dataclasses import replace
 
     from o2n_edge.evaluation import fixed_setting
-    from o2n_edge.profiles import with_image_size, with_self_tuning
+    from o2n_edge.profiles import with_options
 
-    profile = get_profile("lite")
-    if args.self_tune:
-        profile = with_self_tuning(profile)
-    if args.image_size is not None:
-        profile = with_image_size(profile, args.image_size)
-    if args.stats_weight is not None:
-        profile = replace(profile, stats_weight=args.stats_weight)
+    profile = with_options(get_profile("lite"), self_tune=args.self_tune, image_size=args.image_size,
+                           stats_weight=args.stats_weight)
     variant = ("shots-only, self-tuned" if profile.self_tune
                else f"shots-only, fixed: {fixed_setting(profile)}")
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -150,7 +144,7 @@ def main() -> None:
             f"{profile.jpeg_draft}; "
             + ("each run's setting is chosen from its shots alone (pseudo-validation scores in the JSON). "
                if profile.self_tune else "one setting for every category and run. ")
-            + f"Written by `python -m benchmarks.accuracy_v2`.\n\n" + md)
+            + "Written by `python -m benchmarks.accuracy_v2`.\n\n" + md)
 
     for dataset, root, category in ([] if args.merge else SETS):
         if args.only and category not in args.only.split(","):

@@ -18,13 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from o2n_edge.data import Dataset, load_dataset, load_image, sample_shots
-from o2n_edge.profiles import (
-    get_profile,
-    parse_branches,
-    with_image_size,
-    with_self_tuning,
-    with_stats_weight,
-)
+from o2n_edge.profiles import get_profile, parse_branches, with_options
 
 log = logging.getLogger("o2n_edge.export")
 
@@ -112,12 +106,8 @@ def export_bundle(opts: ExportOptions) -> ExportSummary:
         profile = replace(profile, diffusion=replace(profile.diffusion, base_model=str(opts.base_model)))
     if opts.encoder_checkpoint is not None:
         profile = replace(profile, encoder=replace(profile.encoder, checkpoint=str(opts.encoder_checkpoint)))
-    if opts.self_tune:
-        profile = with_self_tuning(profile)
-    if opts.image_size is not None:
-        profile = with_image_size(profile, opts.image_size)
-    if opts.stats_weight is not None:
-        profile = with_stats_weight(profile, opts.stats_weight)
+    profile = with_options(profile, self_tune=opts.self_tune, image_size=opts.image_size,
+                           stats_weight=opts.stats_weight)
     branches = parse_branches(opts.branches, profile)
     config = ScoringConfig.from_profile(profile, branches)
     out = Path(opts.out)

@@ -111,7 +111,7 @@ class Profile:
 # fields), cheapest first: the resolution (224 px is ~4x faster, 448 px sees small defects) and the
 # weight of the global statistics branch. Off by default: on textile the pseudo-validation prefers
 # no statistics branch where the test set gains 12-15 AUROC points from it, and it saturates at 100
-# with one shot (benchmarks/results/accuracy_lite_v3.md, "self-tuning").
+# with one shot (README "Detection core v3", self-tuning).
 LITE_SELF_TUNE = tuple(
     {"kind": "efficientnet_lite0", "image_size": size, "layers": (2, 4), "aggregation": 3, "stats_weight": w}
     for size in (224, 448) for w in (0.0, 0.5, 1.0)
@@ -129,7 +129,7 @@ PROFILES: dict[str, Profile] = {
     ),
     "lite": Profile(
         name="lite",
-        # Detection core v3 (issue 11, benchmarks/results/accuracy_lite_v3.md): Lite0 at 448 px so
+        # Detection core v3 (issue 11, benchmarks/results/accuracy_lite_v2.md): Lite0 at 448 px so
         # a defect of a few pixels spans grid cells; the pool map standardized per border ring
         # (15% of the grid side), without which the border sets every image's score; the global
         # statistics branch at 0.5 for whole-image defects; no global cosine term (it cost tire
@@ -223,6 +223,19 @@ def with_self_tuning(profile: Profile) -> Profile:
         raise ValueError(f"--self-tune chooses among EfficientNet-Lite settings; profile {profile.name!r} "
                          f"uses {profile.encoder.kind}")
     return replace(profile, self_tune=LITE_SELF_TUNE)
+
+
+def with_options(profile: Profile, *, self_tune: bool = False, image_size: int | None = None,
+                 stats_weight: float | None = None) -> Profile:
+    """The user's ``--self-tune`` / ``--image-size`` / ``--stats-weight`` applied in one order
+    (``eval`` and ``export`` share it, so a bundle scores as its eval did)."""
+    if self_tune:
+        profile = with_self_tuning(profile)
+    if image_size is not None:
+        profile = with_image_size(profile, image_size)
+    if stats_weight is not None:
+        profile = with_stats_weight(profile, stats_weight)
+    return profile
 
 
 def parse_branches(text: str | None, profile: Profile) -> tuple[str, ...]:

@@ -13,9 +13,9 @@ from o2n_edge.cli.common import (
     DataOpt,
     DatasetOpt,
     ImageSizeOpt,
+    ProfileOpt,
     SelfTuneOpt,
     StatsWeightOpt,
-    ProfileOpt,
     app,
     fail,
 )
@@ -86,7 +86,11 @@ def export_cmd(
 
 
 def _build_engines(bundle: Path, precision: str | None) -> None:
-    from o2n_edge.export.tensorrt_build import EngineBuildError, TensorRTUnavailable, build_engines
+    from o2n_edge.export.tensorrt_build import (
+        EngineBuildError,
+        TensorRTUnavailable,
+        build_engines,
+    )
 
     try:
         reports = build_engines(bundle, precision=precision)

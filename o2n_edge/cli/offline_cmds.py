@@ -12,9 +12,9 @@ from o2n_edge.cli.common import (
     DataOpt,
     DatasetOpt,
     ImageSizeOpt,
+    ProfileOpt,
     SelfTuneOpt,
     StatsWeightOpt,
-    ProfileOpt,
     app,
     fail,
     parse_int_list,
@@ -49,26 +49,15 @@ def eval_cmd(
     try:
         from o2n_edge.data import load_dataset
         from o2n_edge.evaluation import evaluate
-        from o2n_edge.profiles import (
-            get_profile,
-            parse_branches,
-            with_image_size,
-            with_self_tuning,
-            with_stats_weight,
-        )
+        from o2n_edge.profiles import get_profile, parse_branches, with_options
         from o2n_edge.report import markdown_table, print_table
 
         if dataset == "textile" and category is None:
             category = "textile"
         if category is None:
             fail("--category is required (e.g. --category hazelnut), except with --dataset textile")
-        prof = get_profile(profile)
-        if self_tune:
-            prof = with_self_tuning(prof)
-        if image_size is not None:
-            prof = with_image_size(prof, image_size)
-        if stats_weight is not None:
-            prof = with_stats_weight(prof, stats_weight)
+        prof = with_options(get_profile(profile), self_tune=self_tune, image_size=image_size,
+                            stats_weight=stats_weight)
         if coreset is not None and not 0.0 < coreset <= 1.0:
             fail(f"--coreset must be a fraction in (0, 1] (1 = the whole bank), got {coreset}")
         ratio = coreset if coreset is not None else prof.coreset_ratio
