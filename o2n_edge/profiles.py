@@ -189,9 +189,13 @@ def with_image_size(profile: Profile, size: int) -> Profile:
     if profile.encoder.kind == "open_clip" and profile.encoder.model_name != "tiny":
         raise ValueError(f"--image-size applies to the EfficientNet-Lite profiles; {profile.name!r} uses "
                          f"{profile.encoder.model_name} at its fixed {profile.encoder.image_size} px")
-    tuned = _unique(dict(c, image_size=size) if isinstance(c, dict) else replace(c, image_size=size)
-                    for c in profile.self_tune)
-    return replace(profile, encoder=replace(profile.encoder, image_size=size), self_tune=tuned)
+    return replace(profile, encoder=replace(profile.encoder, image_size=size),
+                   self_tune=_candidates_with(profile.self_tune, image_size=size))
+
+
+def _candidates_with(candidates: tuple, **fields: object) -> tuple:
+    """Self-tuning candidates (dicts or tuning.Candidate) with ``fields`` set, repeats dropped."""
+    return _unique(dict(c, **fields) if isinstance(c, dict) else replace(c, **fields) for c in candidates)
 
 
 def _unique(items) -> tuple:
@@ -212,9 +216,8 @@ def with_stats_weight(profile: Profile, weight: float) -> Profile:
     """
     if not 0.0 <= float(weight) <= 10.0:
         raise ValueError(f"--stats-weight must be between 0 (off) and 10, got {weight}")
-    tuned = tuple(dict(c, stats_weight=float(weight)) if isinstance(c, dict) else replace(c, stats_weight=float(weight))
-                  for c in profile.self_tune)
-    return replace(profile, stats_weight=float(weight), self_tune=_unique(tuned))
+    return replace(profile, stats_weight=float(weight),
+                   self_tune=_candidates_with(profile.self_tune, stats_weight=float(weight)))
 
 
 def with_self_tuning(profile: Profile) -> Profile:
