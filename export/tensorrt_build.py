@@ -6,7 +6,9 @@ ONNX graphs plus each model's optimization profiles (``models[name]["trt_profile
 module builds ``<bundle>/engines/<name>-<key16>.plan`` next to a sidecar JSON holding the
 :class:`~o2n_edge.runtime.engine_cache.EngineKey` (onnx sha256, precision flags, every profile's
 min/opt/max, TensorRT version, GPU name + compute capability, JetPack). A plan whose key matches
-is reused; a timing cache file makes rebuilds (new profile, new bundle) much faster.
+is reused; a timing cache file makes rebuilds (new profile, new bundle) much faster. The timing
+cache is only valid for one TensorRT version on one GPU architecture, so its file name carries
+both (:func:`timing_cache_path`), and a cache TensorRT refuses is replaced by a fresh one.
 
 This module does not import torch (it runs where only ``o2n-edge[trt]`` is installed) and
 imports ``tensorrt`` lazily: without it, or without an NVIDIA GPU, :class:`TensorRTUnavailable`
@@ -44,7 +46,6 @@ from o2n_edge.runtime.engine_cache import (
 log = logging.getLogger(__name__)
 
 DEFAULT_WORKSPACE_GB = 4.0
-TIMING_CACHE_NAME = "timing.cache"
 PRECISION_FLAGS = {"fp32": (), "fp16": ("fp16",)}
 INSTALL_HINT = (
     "pip install 'o2n-edge[trt]' (TensorRT >= 10) on the target machine with an NVIDIA GPU "
@@ -173,6 +174,36 @@ def profiles_for(
     return normalize_profiles(profiles)
 
 
+def timing_cache_path(cache_dir: str | Path, trt_version: str, compute_capability: str) -> Path:
+    """``<cache_dir>/timing-trt<version>-sm<cc>.cache``: one timing cache per TensorRT version and GPU arch.
+
+    Why: timing entries measured on one GPU or TensorRT version are wrong (or refused) on another;
+    one shared file would be rejected, or worse mislead tactic choice, whenever the bundle moves.
+    """
+    cc = str(compute_capability).replace(".", "")
+    return Path(cache_dir) / f"timing-trt{trt_version}-sm{cc}.cache"
+
+
+def _attach_timing_cache(config: Any, timing_cache: Path) -> Any:
+    """Load ``timing_cache`` into ``config``; a cache TensorRT refuses is replaced by an empty one.
+
+    ``set_timing_cache`` returns False when the file was written for another device or TensorRT
+    (``ignore_mismatch=False``); ignoring that would build without the cache and then overwrite a
+    cache that is valid elsewhere with nothing learned.
+    """
+    blob = timing_cache.read_bytes() if timing_cache.is_file() else b""
+    cache = config.create_timing_cache(blob)
+    if config.set_timing_cache(cache, ignore_mismatch=False):
+        return cache
+    log.warning("TensorRT refused the timing cache %s (another GPU or TensorRT version): starting a new one",
+                timing_cache)
+    cache = config.create_timing_cache(b"")
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        log.warning("TensorRT refused an empty timing cache: building without one")
+        return None
+    return cache
+
+
 def build_engine(
     onnx_path: str | Path,
     plan: str | Path,
@@ -229,11 +260,7 @@ def build_engine(
             p.set_shape(name, tuple(shapes["min"]), tuple(shapes["opt"]), tuple(shapes["max"]))
         config.add_optimization_profile(p)
 
-    cache = None
-    if timing_cache is not None:
-        blob = Path(timing_cache).read_bytes() if Path(timing_cache).is_file() else b""
-        cache = config.create_timing_cache(blob)
-        config.set_timing_cache(cache, ignore_mismatch=False)
+    cache = _attach_timing_cache(config, Path(timing_cache)) if timing_cache is not None else None
 
     t0 = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
@@ -268,7 +295,8 @@ def build_engines(
 
     ``precision`` defaults to the bundle's own (``manifest["precision"]``): on TensorRT 11 the
     engine cannot differ from the graph. ``cache_dir`` defaults to ``<bundle>/engines`` (ignored by bundle verification),
-    ``timing_cache`` to ``<cache_dir>/timing.cache``; ``batch_range`` overrides the exported
+    ``timing_cache`` to :func:`timing_cache_path` (keyed by TensorRT version and compute
+    capability); ``batch_range`` overrides the exported
     profiles' batch axis; ``force`` rebuilds even when a matching plan exists.
     """
     bundle = load_bundle(bundle_dir)  # refuses a bundle whose hashes do not match
@@ -280,7 +308,7 @@ def build_engines(
     build_recipe(trt, precision, graph_precision)  # refuse early (TensorRT 11 + mismatched precision)
     cache = Path(cache_dir) if cache_dir is not None else bundle.path / ENGINES_DIR
     cache.mkdir(parents=True, exist_ok=True)
-    tcache = Path(timing_cache) if timing_cache is not None else cache / TIMING_CACHE_NAME
+    tcache = Path(timing_cache) if timing_cache is not None else timing_cache_path(cache, trt.__version__, cc)
     names = list(models) if models is not None else sorted(bundle.models)
     jetpack = jetpack_version()
     reports: dict[str, EngineReport] = {}

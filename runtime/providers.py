@@ -11,6 +11,10 @@ these, and ``o2n-edge doctor`` reports the same checks, so what the doctor says 
   ``onnxruntime``; with both present the CUDA provider is commonly missing (onnxruntime issue
   26996) and everything silently runs on the CPU. Each problem comes with the exact command that
   fixes it.
+- :func:`probe_sessions`: ``get_available_providers()`` lists every provider compiled in, even
+  when CUDA, cuDNN or libnvinfer cannot be loaded; that failure only shows when a session is
+  created (it silently gets the CPU). So the doctor creates a session on a small shipped graph
+  per GPU provider and checks what the session really got.
 """
 
 from __future__ import annotations
@@ -23,6 +27,15 @@ from typing import Any
 
 DEFAULT_WORKSPACE_GB = 4.0
 ORT_TRT_CACHE = "ort-trt"  # under the bundle's engines/ (ignored by bundle verification)
+ORT_TRT_ENGINE_SUFFIX = ".engine"  # what the TensorRT EP writes into its engine cache folder
+PROBE_GRAPH = Path(__file__).resolve().parent / "static" / "bank_search.onnx"  # 2 nodes, shipped
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+FIX_CUDA_LIBS = ("the CUDA 12 / cuDNN 9 libraries onnxruntime-gpu needs cannot be loaded: pip install "
+                 "'nvidia-cudnn-cu12>=9,<10' nvidia-cublas-cu12 and call onnxruntime.preload_dlls(), or use "
+                 "an nvidia/cuda:12.x-cudnn image")
+FIX_TRT_LIBS = ("libnvinfer cannot be loaded by the TensorRT EP: pip install 'o2n-edge[trt]' (tensorrt-cu12 on "
+                "PyPI is an sdist that downloads its wheels from NVIDIA's index, pypi.nvidia.com, at install "
+                "time) and put site-packages/tensorrt_libs on LD_LIBRARY_PATH")
 CPU_PACKAGE = "onnxruntime"
 GPU_PACKAGE = "onnxruntime-gpu"
 # Other onnxruntime builds that also install the ``onnxruntime`` module.
@@ -47,6 +60,7 @@ def ort_tensorrt_provider_options(
     workspace_gb: float = DEFAULT_WORKSPACE_GB,
     profile: Mapping[str, Mapping[str, Sequence[int]]] | None = None,
     fallback: Iterable[str] = ("CUDAExecutionProvider", "CPUExecutionProvider"),
+    timing_cache_dir: str | Path | None = None,
 ) -> list[Any]:
     """``providers=`` list for onnxruntime-gpu's TensorRT EP with engine + timing caches.
 
@@ -56,6 +70,8 @@ def ort_tensorrt_provider_options(
     """
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
+    timing = Path(timing_cache_dir) if timing_cache_dir is not None else cache
+    timing.mkdir(parents=True, exist_ok=True)
     opts: dict[str, Any] = {
         "device_id": device_id,
         "trt_fp16_enable": bool(fp16),
@@ -63,7 +79,7 @@ def ort_tensorrt_provider_options(
         "trt_engine_cache_enable": True,
         "trt_engine_cache_path": str(cache),
         "trt_timing_cache_enable": True,
-        "trt_timing_cache_path": str(cache),
+        "trt_timing_cache_path": str(timing),
         "trt_layer_norm_fp32_fallback": True,
     }
     if profile:
@@ -82,13 +98,34 @@ def tensorrt_session_options(bundle_path: str | Path, manifest: Mapping[str, Any
 
     fp16 follows the bundle: an fp16 bundle's graphs carry fp16 types (TensorRT 11 takes precision
     from them; on 10.x the flag lets the EP pick fp16 kernels), an fp32 bundle runs fp32.
+    Each model's engines go to their own folder (:func:`ort_trt_engine_dir`) so a check can tell
+    which model the EP really took (an EP that took zero nodes writes no engine); the timing
+    cache is shared.
     """
     entry = manifest.get("models", {}).get(name, {})
     profiles = entry.get("trt_profiles") or []
     cache = Path(bundle_path) / "engines" / ORT_TRT_CACHE
-    providers = ort_tensorrt_provider_options(cache, fp16=manifest.get("precision") == "fp16", device_id=device_id,
-                                              profile=profiles[0] if profiles else None, fallback=())
+    providers = ort_tensorrt_provider_options(ort_trt_engine_dir(bundle_path, name),
+                                              fp16=manifest.get("precision") == "fp16", device_id=device_id,
+                                              profile=profiles[0] if profiles else None, fallback=(),
+                                              timing_cache_dir=cache)
     return providers[0][1]
+
+
+def ort_trt_engine_dir(bundle_path: str | Path, name: str) -> Path:
+    """The TensorRT EP's engine cache folder of model ``name`` in a bundle."""
+    return Path(bundle_path) / "engines" / ORT_TRT_CACHE / name
+
+
+def ort_trt_engine_files(bundle_path: str | Path, name: str) -> list[Path]:
+    """Engines the TensorRT EP built for model ``name``: none means the EP ran none of its nodes.
+
+    Why: a session whose first provider is the TensorRT EP may still run every node on CUDA or
+    the CPU (unsupported ops, or an engine build that failed and fell back); only the EP's engine
+    files prove it built something.
+    """
+    folder = ort_trt_engine_dir(bundle_path, name)
+    return sorted(folder.glob(f"*{ORT_TRT_ENGINE_SUFFIX}")) if folder.is_dir() else []
 
 
 # ------------------------------------------------------------------------------ install checks
@@ -159,3 +196,57 @@ def install_problems(
             problems.append(Problem(f"{GPU_PACKAGE} is installed but its CUDA provider is not available",
                                     FIX_GPU_BROKEN))
     return problems
+
+
+# ------------------------------------------------------------------------------ session probes
+
+
+@dataclass(frozen=True)
+class SessionProbe:
+    """One session created on the probe graph with ``provider`` first: what it really got."""
+
+    provider: str
+    got: tuple[str, ...] = ()  # session.get_providers()
+    error: str | None = None  # session creation raised
+
+    @property
+    def ok(self) -> bool:
+        """The session's first provider is the one asked for (not a silent CPU fallback)."""
+        return self.error is None and bool(self.got) and self.got[0] == self.provider
+
+    def line(self) -> str:
+        """``CUDAExecutionProvider: session ok`` or what the session got instead."""
+        if self.ok:
+            return f"{self.provider}: session ok"
+        got = ", ".join(self.got) or "no session"
+        return f"{self.provider}: session got {got}" + (f" ({self.error})" if self.error else "")
+
+
+def probe_sessions(available: Sequence[str] | None = None, graph: str | Path = PROBE_GRAPH) -> list[SessionProbe]:
+    """Create a session on ``graph`` with CUDA, then TensorRT, first, for each that onnxruntime lists.
+
+    ``available`` defaults to ``get_available_providers()``; a provider not listed is not probed.
+    ORT's own fallback warning is silenced (severity 3): the result says it instead.
+    """
+    import onnxruntime as ort
+
+    listed = list(ort.get_available_providers()) if available is None else list(available)
+    probes = []
+    for provider in GPU_PROVIDERS:
+        if provider not in listed:
+            continue
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        try:
+            sess = ort.InferenceSession(str(graph), sess_options=so, providers=[provider, "CPUExecutionProvider"])
+            probes.append(SessionProbe(provider, tuple(sess.get_providers())))
+        except Exception as exc:  # noqa: BLE001 - a failing provider is the finding, not a crash
+            probes.append(SessionProbe(provider, (), f"{type(exc).__name__}: {exc}"))
+    return probes
+
+
+def probe_problems(probes: Iterable[SessionProbe]) -> list[Problem]:
+    """A :class:`Problem` per GPU provider that onnxruntime lists but a session could not use."""
+    fixes = {"CUDAExecutionProvider": FIX_CUDA_LIBS, "TensorrtExecutionProvider": FIX_TRT_LIBS}
+    return [Problem(f"{p.provider} is listed but a session on it fell back ({p.line()})", fixes[p.provider])
+            for p in probes if not p.ok]

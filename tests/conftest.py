@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -33,3 +34,21 @@ def tiny_bundle(shared_data: Path, tmp_path_factory: pytest.TempPathFactory):
         shots=2, seed=0, runs_dir=root / "runs", pool_size=2, personalize_steps=8, distill_steps=2,
         progress=False))
     return summary
+
+
+REQUIRE_GPU_ENV = "O2N_REQUIRE_GPU"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # noqa: ANN201 - a pytest hook
+    """With O2N_REQUIRE_GPU=1 (the GPU check sets it), a gpu-marked test that skips FAILS instead.
+
+    Why: on the machine lent for the GPU check a skipped GPU test means nothing was checked, and a
+    run whose every GPU test skipped must not pass.
+    """
+    outcome = yield
+    report = outcome.get_result()
+    if os.environ.get(REQUIRE_GPU_ENV) == "1" and report.skipped and item.get_closest_marker("gpu") is not None:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped with {REQUIRE_GPU_ENV}=1, which makes a GPU test's skip a failure: {reason}"

@@ -75,9 +75,13 @@ def test_tensorrt_backend_passes_caches_profile_and_precision(tmp_path: Path, mo
     pipe._session("unet")
     (trt_name, opts), (cuda_name, _), (cpu_name, _) = seen["providers"]
     assert (trt_name, cuda_name, cpu_name) == ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
-    cache = tmp_path / "engines" / pv.ORT_TRT_CACHE
-    assert opts["trt_engine_cache_enable"] and opts["trt_engine_cache_path"] == str(cache)
+    cache = tmp_path / "engines" / pv.ORT_TRT_CACHE  # engines per model (checkable), one timing cache
+    assert opts["trt_engine_cache_enable"] and opts["trt_engine_cache_path"] == str(cache / "unet")
     assert opts["trt_timing_cache_enable"] and opts["trt_timing_cache_path"] == str(cache) and cache.is_dir()
+    assert pv.ort_trt_engine_files(tmp_path, "unet") == []
+    (cache / "unet" / "TensorrtExecutionProvider_TRTKernel_graph_x_0_0_fp16_sm90.engine").write_bytes(b"e")
+    assert [p.name for p in pv.ort_trt_engine_files(tmp_path, "unet")] == [
+        "TensorrtExecutionProvider_TRTKernel_graph_x_0_0_fp16_sm90.engine"]
     assert opts["trt_fp16_enable"] is True
     assert opts["trt_profile_min_shapes"] == "sample:1x4x32x32,timestep:1"
     assert opts["trt_profile_max_shapes"] == "sample:4x4x32x32,timestep:4"

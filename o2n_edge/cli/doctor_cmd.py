@@ -2,7 +2,10 @@
 
 Why a command: a CUDA provider that is silently missing (both onnxruntime and onnxruntime-gpu
 installed: onnxruntime issue 26996) makes a GPU line run on the CPU with no error; the line
-engineer needs one command that says so and what to type.
+engineer needs one command that says so and what to type. The provider list alone cannot show
+it (it lists what was compiled in, even when CUDA, cuDNN or libnvinfer cannot load), so on a GPU
+machine the doctor creates a session per GPU provider on a small shipped graph and checks what
+each session really got.
 """
 
 from __future__ import annotations
@@ -16,7 +19,15 @@ from o2n_edge.cli.common import app
 def doctor_cmd() -> None:
     """Check the onnxruntime/TensorRT install for this device; exit 1 with the exact fix when something is wrong."""
     from o2n_edge.runtime.engine_cache import gpu_info, jetpack_version, tensorrt_version
-    from o2n_edge.runtime.providers import CPU_PACKAGE, GPU_PACKAGE, OTHER_PACKAGES, install_problems, installed_versions
+    from o2n_edge.runtime.providers import (
+        CPU_PACKAGE,
+        GPU_PACKAGE,
+        OTHER_PACKAGES,
+        install_problems,
+        installed_versions,
+        probe_problems,
+        probe_sessions,
+    )
 
     pkgs = installed_versions((CPU_PACKAGE, GPU_PACKAGE, *OTHER_PACKAGES))
     try:
@@ -42,8 +53,13 @@ def doctor_cmd() -> None:
     else:
         typer.echo("TensorRT: not installed (o2n-edge[trt] for native engines)")
     problems = install_problems(providers, gpu is not None)
+    if gpu is not None and providers:
+        probes = probe_sessions(providers)
+        for probe in probes:
+            typer.echo("session probe: " + probe.line())
+        problems += probe_problems(probes)
     if not problems:
-        typer.echo("ok: " + ("the CUDA provider is available" if "CUDAExecutionProvider" in providers
+        typer.echo("ok: " + ("a CUDA session works" if gpu is not None and "CUDAExecutionProvider" in providers
                              else "CPU execution (no NVIDIA GPU visible)"))
         return
     for p in problems:

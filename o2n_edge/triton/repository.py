@@ -128,8 +128,14 @@ def _profile_max_batch(entry: dict[str, Any]) -> int | None:
     return best
 
 
-def _instance_group(opts: RepositoryOptions) -> list[dict[str, Any]]:
-    return [{"count": opts.instances, "kind": "KIND_GPU" if opts.device == "gpu" else "KIND_CPU"}]
+def _instance_group(opts: RepositoryOptions, gpu_only: bool = False) -> list[dict[str, Any]]:
+    """Instances of one model: ``--device``'s kind, except a TensorRT plan, which only runs on a GPU.
+
+    Why: Triton's TensorRT backend refuses a ``KIND_CPU`` instance group ("supports only GPU
+    device"), and a plan is only used when it was built for this machine's GPU.
+    """
+    gpu = gpu_only or opts.device == "gpu"
+    return [{"count": opts.instances, "kind": "KIND_GPU" if gpu else "KIND_CPU"}]
 
 
 def _dynamic_batching(max_batch: int, opts: RepositoryOptions) -> dict[str, Any]:
@@ -240,7 +246,7 @@ class _Writer:
         config["output"] = [_tensor(n, s, batched) for n, s in entry["outputs"].items()]
         if batched:
             config["dynamic_batching"] = _dynamic_batching(max_batch, self.opts)
-        config["instance_group"] = _instance_group(self.opts)
+        config["instance_group"] = _instance_group(self.opts, gpu_only=kind == "tensorrt_plan")
         extra = {PARAM_GRAPH_FILE: self.bundle.model_path(graph).name} if kind == "python" else {}
         if kind == "python":
             extra[PARAM_BACKEND] = "cuda" if self.opts.device == "gpu" else "cpu"
