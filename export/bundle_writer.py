@@ -4,7 +4,7 @@ Why: an export that dies halfway (out of memory, Ctrl-C, a failed validation) mu
 directory that looks like a bundle; and re-running must be able to replace an old bundle only
 when asked (``force``). The manifest is written last and hashes every file, so the runtime's
 ``verify_bundle`` (``o2n_edge.runtime.bundle``) can refuse anything that changed afterwards.
-The manifest keys are documented in ``o2n_edge.runtime.bundle``.
+The manifest keys are declared in ``o2n_edge.runtime.manifest``.
 
 Usage::
 
@@ -33,15 +33,16 @@ from typing import Any
 
 import numpy as np
 
-from o2n_edge.runtime.bundle import (
+from o2n_edge.runtime.bundle import list_bundle_files, sha256_file
+from o2n_edge.runtime.manifest import (
     DIGEST_KEY,
     ENGINES_DIR,
     MANIFEST_NAME,
     SCHEMA_VERSION,
+    BundleManifest,
     check_file_name,
-    list_bundle_files,
     manifest_digest,
-    sha256_file,
+    manifest_json,
 )
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,7 @@ class BundleWriter:
         self.force = force
         self.tmp_dir: Path | None = None
         self.manifest: dict[str, Any] | None = None
+        self.manifest_data: BundleManifest | None = None  # typed view of ``manifest``
 
     # context ------------------------------------------------------------------------------
     def __enter__(self) -> BundleWriter:
@@ -195,7 +197,9 @@ class BundleWriter:
         Adds ``schema_version``, ``files`` ({name: {sha256, bytes}}), ``versions`` and
         ``manifest_sha256``; keys given in ``manifest`` for those are overwritten, except extra
         ``versions`` entries. Values must be JSON-able (numpy scalars/arrays are converted;
-        NaN/Inf are refused).
+        NaN/Inf are refused), and the result must pass the schema
+        (:meth:`o2n_edge.runtime.manifest.BundleManifest.from_dict`): a mistyped key, or a model
+        entry naming a file not in the bundle, raises :class:`BundleError` (a ``ValueError``).
         """
         if self.tmp_dir is None:
             raise RuntimeError("use BundleWriter as a context manager")
@@ -212,16 +216,12 @@ class BundleWriter:
         out = dict(manifest)
         out["schema_version"] = SCHEMA_VERSION
         out["files"] = files
-        out["versions"] = {**dict(manifest.get("versions", {})), **producing_versions()}
-        models = out.get("models", {})
-        for mname, entry in models.items():
-            fname = entry.get("file") if isinstance(entry, Mapping) else None
-            if fname is not None and fname not in files:
-                raise ValueError(f"models.{mname} refers to {fname!r}, which is not in the bundle")
+        out["versions"] = {**dict(out.get("versions", {})), **producing_versions()}
         # Round-trip through JSON first so the digest is computed on exactly what is read back.
         out = json.loads(json.dumps(out, default=_json_default, allow_nan=False))
         out[DIGEST_KEY] = manifest_digest(out)
-        text = json.dumps(out, indent=2, sort_keys=True, allow_nan=False)
-        (self.tmp_dir / MANIFEST_NAME).write_text(text, encoding="utf-8")
+        typed = BundleManifest.from_dict(out)  # BundleError naming the key: nothing is written
+        (self.tmp_dir / MANIFEST_NAME).write_text(manifest_json(typed), encoding="utf-8")
+        self.manifest_data = typed
         self.manifest = out
         return out
