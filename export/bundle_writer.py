@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import uuid
 from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
@@ -33,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from o2n_edge.atomic import AtomicDir
 from o2n_edge.runtime.bundle import list_bundle_files, sha256_file
 from o2n_edge.runtime.manifest import (
     DIGEST_KEY,
@@ -49,8 +48,6 @@ log = logging.getLogger(__name__)
 
 VERSION_PACKAGES = ("o2n-edge", "torch", "diffusers", "onnx", "onnxruntime", "onnxslim",
                     "open_clip_torch", "numpy")
-TMP_PREFIX = ".tmp-"
-TRASH_PREFIX = ".old-"
 
 
 def producing_versions(packages: tuple[str, ...] = VERSION_PACKAGES) -> dict[str, str | None]:
@@ -91,14 +88,13 @@ class BundleWriter:
         self.tmp_dir: Path | None = None
         self.manifest: dict[str, Any] | None = None
         self.manifest_data: BundleManifest | None = None  # typed view of ``manifest``
+        self._staging = AtomicDir(self.out_dir, replace=force)
 
     # context ------------------------------------------------------------------------------
     def __enter__(self) -> BundleWriter:
         if self.out_dir.exists() and not self.force:
             raise FileExistsError(f"{self.out_dir} exists; pass force=True (--force) to replace it")
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir = self.out_dir.parent / f".{self.out_dir.name}{TMP_PREFIX}{uuid.uuid4().hex[:8]}"
-        self.tmp_dir.mkdir()
+        self.tmp_dir = self._staging.open()
         return self
 
     def __exit__(
@@ -107,34 +103,14 @@ class BundleWriter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        assert self.tmp_dir is not None
         try:
             if exc_type is None:
                 if self.manifest is None:
                     raise RuntimeError("BundleWriter closed without write_manifest(): nothing written")
-                self._commit()
+                self._staging.commit()  # an existing bundle is swapped out only now, and put back on failure
+                log.info("bundle written: %s", self.out_dir)
         finally:
-            if self.tmp_dir.exists():
-                shutil.rmtree(self.tmp_dir, ignore_errors=True)
-
-    def _commit(self) -> None:
-        """Swap the staged dir in; an existing bundle is moved aside first, then deleted."""
-        assert self.tmp_dir is not None
-        trash = None
-        if self.out_dir.exists():
-            if not self.force:  # appeared while we were writing
-                raise FileExistsError(f"{self.out_dir} appeared during the export; not replacing it")
-            trash = self.out_dir.parent / f".{self.out_dir.name}{TRASH_PREFIX}{uuid.uuid4().hex[:8]}"
-            os.replace(self.out_dir, trash)
-        try:
-            os.replace(self.tmp_dir, self.out_dir)
-        except BaseException:
-            if trash is not None:  # put the old bundle back
-                os.replace(trash, self.out_dir)
-            raise
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
-        log.info("bundle written: %s", self.out_dir)
+            self._staging.discard()
 
     # content ------------------------------------------------------------------------------
     def path(self, name: str) -> Path:
@@ -187,7 +163,7 @@ class BundleWriter:
 
     def add_json(self, name: str, obj: Mapping[str, Any]) -> Path:
         """Write an auxiliary JSON file (hashed like every other file)."""
-        target = self.path(name)
+        target = self.path(name)  # inside the staged dir: the rename of the whole bundle is the atomic step
         target.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default))
         return target
 

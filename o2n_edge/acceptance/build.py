@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -20,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from o2n_edge._lazy import MissingExtraError
+from o2n_edge.atomic import AtomicDir
 from o2n_edge.acceptance.operating_point import CONFIDENCE, TARGET_FRR
 from o2n_edge.data import Dataset
 from o2n_edge.runtime.manifest import BundleManifest
@@ -149,20 +148,9 @@ def write_atomically(out: Path, files: dict[str, bytes]) -> None:
     is_report = (out / REPORT_JSON).is_file()
     if out.exists() and not is_report and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not a report directory: choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    for name, data in files.items():
-        (tmp / name).write_bytes(data)
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    with AtomicDir(out) as tmp:
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
 
 
 def build_report(
