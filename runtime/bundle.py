@@ -147,7 +147,7 @@ class Bundle:
     @property
     def models(self) -> dict[str, dict[str, Any]]:
         """The ``models`` section as plain dicts (may be empty for scoring-only bundles)."""
-        return self.manifest.get("models", {})
+        return {name: entry.to_dict() for name, entry in (self.manifest_data.models or {}).items()}
 
     @property
     def engines_dir(self) -> Path:
