@@ -4,7 +4,7 @@ Why: an export that dies halfway (out of memory, Ctrl-C, a failed validation) mu
 directory that looks like a bundle; and re-running must be able to replace an old bundle only
 when asked (``force``). The manifest is written last and hashes every file, so the runtime's
 ``verify_bundle`` (``o2n_edge.runtime.bundle``) can refuse anything that changed afterwards.
-The manifest keys are documented in ``o2n_edge.runtime.bundle``.
+The manifest keys are declared in ``o2n_edge.runtime.manifest``.
 
 Usage::
 
@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import uuid
 from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
@@ -33,23 +31,23 @@ from typing import Any
 
 import numpy as np
 
-from o2n_edge.runtime.bundle import (
+from o2n_edge.atomic import AtomicDir
+from o2n_edge.runtime.bundle import list_bundle_files, sha256_file
+from o2n_edge.runtime.manifest import (
     DIGEST_KEY,
     ENGINES_DIR,
     MANIFEST_NAME,
     SCHEMA_VERSION,
+    BundleManifest,
     check_file_name,
-    list_bundle_files,
     manifest_digest,
-    sha256_file,
+    manifest_json,
 )
 
 log = logging.getLogger(__name__)
 
 VERSION_PACKAGES = ("o2n-edge", "torch", "diffusers", "onnx", "onnxruntime", "onnxslim",
                     "open_clip_torch", "numpy")
-TMP_PREFIX = ".tmp-"
-TRASH_PREFIX = ".old-"
 
 
 def producing_versions(packages: tuple[str, ...] = VERSION_PACKAGES) -> dict[str, str | None]:
@@ -89,14 +87,14 @@ class BundleWriter:
         self.force = force
         self.tmp_dir: Path | None = None
         self.manifest: dict[str, Any] | None = None
+        self.manifest_data: BundleManifest | None = None  # typed view of ``manifest``
+        self._staging = AtomicDir(self.out_dir, replace=force)
 
     # context ------------------------------------------------------------------------------
     def __enter__(self) -> BundleWriter:
         if self.out_dir.exists() and not self.force:
             raise FileExistsError(f"{self.out_dir} exists; pass force=True (--force) to replace it")
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir = self.out_dir.parent / f".{self.out_dir.name}{TMP_PREFIX}{uuid.uuid4().hex[:8]}"
-        self.tmp_dir.mkdir()
+        self.tmp_dir = self._staging.open()
         return self
 
     def __exit__(
@@ -105,34 +103,14 @@ class BundleWriter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        assert self.tmp_dir is not None
         try:
             if exc_type is None:
                 if self.manifest is None:
                     raise RuntimeError("BundleWriter closed without write_manifest(): nothing written")
-                self._commit()
+                self._staging.commit()  # an existing bundle is swapped out only now, and put back on failure
+                log.info("bundle written: %s", self.out_dir)
         finally:
-            if self.tmp_dir.exists():
-                shutil.rmtree(self.tmp_dir, ignore_errors=True)
-
-    def _commit(self) -> None:
-        """Swap the staged dir in; an existing bundle is moved aside first, then deleted."""
-        assert self.tmp_dir is not None
-        trash = None
-        if self.out_dir.exists():
-            if not self.force:  # appeared while we were writing
-                raise FileExistsError(f"{self.out_dir} appeared during the export; not replacing it")
-            trash = self.out_dir.parent / f".{self.out_dir.name}{TRASH_PREFIX}{uuid.uuid4().hex[:8]}"
-            os.replace(self.out_dir, trash)
-        try:
-            os.replace(self.tmp_dir, self.out_dir)
-        except BaseException:
-            if trash is not None:  # put the old bundle back
-                os.replace(trash, self.out_dir)
-            raise
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
-        log.info("bundle written: %s", self.out_dir)
+            self._staging.discard()
 
     # content ------------------------------------------------------------------------------
     def path(self, name: str) -> Path:
@@ -185,7 +163,7 @@ class BundleWriter:
 
     def add_json(self, name: str, obj: Mapping[str, Any]) -> Path:
         """Write an auxiliary JSON file (hashed like every other file)."""
-        target = self.path(name)
+        target = self.path(name)  # inside the staged dir: the rename of the whole bundle is the atomic step
         target.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default))
         return target
 
@@ -195,7 +173,9 @@ class BundleWriter:
         Adds ``schema_version``, ``files`` ({name: {sha256, bytes}}), ``versions`` and
         ``manifest_sha256``; keys given in ``manifest`` for those are overwritten, except extra
         ``versions`` entries. Values must be JSON-able (numpy scalars/arrays are converted;
-        NaN/Inf are refused).
+        NaN/Inf are refused), and the result must pass the schema
+        (:meth:`o2n_edge.runtime.manifest.BundleManifest.from_dict`): a mistyped key, or a model
+        entry naming a file not in the bundle, raises :class:`BundleError` (a ``ValueError``).
         """
         if self.tmp_dir is None:
             raise RuntimeError("use BundleWriter as a context manager")
@@ -212,16 +192,12 @@ class BundleWriter:
         out = dict(manifest)
         out["schema_version"] = SCHEMA_VERSION
         out["files"] = files
-        out["versions"] = {**dict(manifest.get("versions", {})), **producing_versions()}
-        models = out.get("models", {})
-        for mname, entry in models.items():
-            fname = entry.get("file") if isinstance(entry, Mapping) else None
-            if fname is not None and fname not in files:
-                raise ValueError(f"models.{mname} refers to {fname!r}, which is not in the bundle")
+        out["versions"] = {**dict(out.get("versions", {})), **producing_versions()}
         # Round-trip through JSON first so the digest is computed on exactly what is read back.
         out = json.loads(json.dumps(out, default=_json_default, allow_nan=False))
         out[DIGEST_KEY] = manifest_digest(out)
-        text = json.dumps(out, indent=2, sort_keys=True, allow_nan=False)
-        (self.tmp_dir / MANIFEST_NAME).write_text(text, encoding="utf-8")
+        typed = BundleManifest.from_dict(out)  # BundleError naming the key: nothing is written
+        (self.tmp_dir / MANIFEST_NAME).write_text(manifest_json(typed), encoding="utf-8")
+        self.manifest_data = typed
         self.manifest = out
         return out

@@ -33,6 +33,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any, Iterable, Literal
 
+from o2n_edge.atomic import atomic_open
+
 # WAL: readers never block the writer, and a torn write cannot corrupt committed rows.
 JOURNAL_MODE = "WAL"
 # FULL: fsync the WAL on every commit, so a committed decision survives a power cut (see above).
@@ -293,12 +295,8 @@ class ResultsLog:
 def _with_text_file(file: str | Path | IO[str], write: Any) -> None:
     """Write to a path (atomically: temp file + rename) or to an open text stream."""
     if isinstance(file, (str, Path)):
-        target = Path(file)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8", newline="") as fh:
-            write(fh)
-        tmp.replace(target)  # a half-written export never stands under the final name
+        with atomic_open(file, "w", encoding="utf-8", newline="") as fh:
+            write(fh)  # a half-written export never stands under the final name
     else:
         write(file)
 

@@ -21,6 +21,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from o2n_edge.cli import app
+from o2n_edge.runtime.manifest import SCHEMA_VERSION
 
 runner = CliRunner(env={"COLUMNS": "400"})  # rich wraps errors at the terminal width
 HAZELNUT_GOOD, HAZELNUT_BAD = 6, 17  # hazelnut_toy's test split
@@ -194,7 +195,8 @@ class _ManifestFake:
         from fakes import FakeInspector
 
         fake = FakeInspector(threshold=threshold, with_normal=False)
-        fake.manifest = {"category": "tire", "profile": "fake", "dataset": "mvtec", "precision": "fp32",
+        fake.manifest = {"schema_version": SCHEMA_VERSION, "files": {},
+                         "category": "tire", "profile": "fake", "dataset": "mvtec", "precision": "fp32",
                          "scoring": {"branches": ["pool"]}, "shots": {"k": 1, "images": []},
                          "threshold": {"value": threshold, "method": "fixed for the test"},
                          "manifest_sha256": "0" * 64}

@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from o2n_edge._lazy import MissingExtraError
+from o2n_edge.atomic import AtomicDir
 from o2n_edge.acceptance.operating_point import CONFIDENCE, TARGET_FRR
 from o2n_edge.data import Dataset
+from o2n_edge.runtime.manifest import BundleManifest
 
 REPORT_HTML = "report.html"
 REPORT_JSON = "report.json"
@@ -101,21 +102,30 @@ def _gallery_cards(inspector, scored, doc: dict, progress: bool) -> tuple[dict[s
     return cards, has_normal
 
 
-def _bundle_info(pipe, bundle: Path) -> dict:
-    m = pipe.manifest
-    shots = m.get("shots", {})
+def _manifest_of(pipe: Any) -> BundleManifest:
+    """The inspector's typed manifest: its bundle's, else parsed from its ``manifest`` dict."""
+    bundle = getattr(pipe, "bundle", None)
+    typed = getattr(bundle, "manifest_data", None)
+    return typed if isinstance(typed, BundleManifest) else BundleManifest.from_dict(pipe.manifest)
+
+
+def _bundle_info(pipe: Any, bundle: Path) -> dict[str, Any]:
+    """What the report says about the bundle (the decision threshold's provenance included)."""
+    m = _manifest_of(pipe)
+    shots = m.shots
+    threshold = m.threshold.to_dict() if m.threshold is not None else {}
     return {
         "path": str(bundle),
-        "manifest_sha256": str(m.get("manifest_sha256", "")),
-        "profile": m.get("profile"),
-        "category": m.get("category"),
-        "dataset": m.get("dataset"),
-        "precision": m.get("precision"),
-        "branches": list(m.get("scoring", {}).get("branches", [])),
-        "shots": shots.get("k") if isinstance(shots, dict) else shots,
-        "shot_images": shots.get("images") if isinstance(shots, dict) else None,
-        "threshold": {k: v for k, v in m.get("threshold", {}).items() if k != "images"},
-        "versions": m.get("versions", {}),
+        "manifest_sha256": m.manifest_sha256 or "",
+        "profile": m.profile,
+        "category": m.category,
+        "dataset": m.dataset,
+        "precision": m.precision,
+        "branches": list(m.branches),
+        "shots": shots.k if shots is not None else None,
+        "shot_images": shots.images if shots is not None else None,
+        "threshold": {k: v for k, v in threshold.items() if k != "images"},
+        "versions": m.versions or {},
         "has_normal_version": False,
     }
 
@@ -138,20 +148,9 @@ def write_atomically(out: Path, files: dict[str, bytes]) -> None:
     is_report = (out / REPORT_JSON).is_file()
     if out.exists() and not is_report and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not a report directory: choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    for name, data in files.items():
-        (tmp / name).write_bytes(data)
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    with AtomicDir(out) as tmp:
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
 
 
 def build_report(

@@ -136,29 +136,36 @@ def inspect_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the manifest summary as JSON."),
 ) -> None:
     """What is inside a bundle and whether it verifies (exit 1 when it does not)."""
-    from o2n_edge.runtime.bundle import read_manifest, verify_bundle
+    from o2n_edge.runtime.bundle import verify_bundle
+    from o2n_edge.runtime.manifest import BundleManifest, read_manifest_json
 
     problems = verify_bundle(bundle)
-    try:
-        m = read_manifest(bundle)
+    try:  # lenient: a refused bundle still shows what its manifest says
+        m, _ = BundleManifest.check(read_manifest_json(bundle))
     except Exception as exc:  # a bundle without a readable manifest: report, do not crash
-        m = {}
+        m = BundleManifest(files={})
         problems = problems or [str(exc)]
-    files = m.get("files", {})
     engines = sorted(p.name for p in (bundle / "engines").glob("*.plan")) if (bundle / "engines").is_dir() else []
+    diffusion = m.diffusion or {}
+
+    def tensors(specs: dict | None) -> dict | None:
+        return None if specs is None else {n: t.to_dict() for n, t in specs.items()}
+
     info = {
         "bundle": str(bundle), "verified": not problems, "problems": problems,
-        "profile": m.get("profile"), "category": m.get("category"), "precision": m.get("precision"),
-        "image_size": m.get("image_size"), "diffusion_image_size": m.get("diffusion_image_size"),
-        "branches": m.get("scoring", {}).get("branches"), "threshold": m.get("threshold", {}).get("value"),
-        "steps": m.get("steps"), "steps_run": m.get("steps_run"), "strength": m.get("strength"),
-        "shots": m.get("shots"), "memory_bank": m.get("memory_bank"),
-        "student": m.get("diffusion", {}).get("student"), "vae": m.get("diffusion", {}).get("vae"),
-        "models": {k: {"precision": v.get("precision"), "inputs": v.get("inputs"), "outputs": v.get("outputs"),
-                       "validation": v.get("validation")} for k, v in m.get("models", {}).items()},
-        "files": {k: {"bytes": v.get("bytes"), "sha256": v.get("sha256")} for k, v in files.items()},
-        "engines": engines, "versions": m.get("versions"),
-        "settings": _settings_line(m),
+        "profile": m.profile, "category": m.category, "precision": m.precision,
+        "image_size": m.image_size, "diffusion_image_size": m.diffusion_image_size,
+        "branches": list(m.branches) if m.scoring is not None else None,
+        "threshold": m.threshold.value if m.threshold is not None else None,
+        "steps": m.steps, "steps_run": m.steps_run, "strength": m.strength,
+        "shots": m.shots.to_dict() if m.shots is not None else None,
+        "memory_bank": m.memory_bank.to_dict() if m.memory_bank is not None else None,
+        "student": diffusion.get("student"), "vae": diffusion.get("vae"),
+        "models": {k: {"precision": v.precision, "inputs": tensors(v.inputs), "outputs": tensors(v.outputs),
+                       "validation": v.validation} for k, v in (m.models or {}).items()},
+        "files": {k: {"bytes": v.bytes, "sha256": v.sha256} for k, v in m.files.items()},
+        "engines": engines, "versions": m.versions,
+        "settings": _settings_line(m.to_dict()),
     }
     if as_json:
         typer.echo(json.dumps(info, indent=2))

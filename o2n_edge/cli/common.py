@@ -6,13 +6,12 @@ base install (runtime + server) starts fast and a missing extra is named, not a 
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import typer
 
 from o2n_edge._lazy import MissingExtraError
+from o2n_edge.atomic import atomic_write_json
 
 app = typer.Typer(
     name="o2n-edge",
@@ -61,10 +60,7 @@ def parse_int_list(text: str, what: str) -> list[int]:
 
 def write_json(path: Path, doc: dict) -> None:
     """Atomic JSON write: a crash never leaves half a result file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, doc)
 
 
 DataOpt = typer.Option(None, "--data", envvar="O2N_DATA", help="Data set root directory (default: $O2N_DATA). Not needed for --dataset textile.")

@@ -36,16 +36,16 @@ def report_cmd(
     from o2n_edge.acceptance import build_report, require_report_extra
     from o2n_edge.data import DatasetError, load_dataset
     from o2n_edge.data.images import ImageError
-    from o2n_edge.runtime.bundle import BundleError, read_manifest
+    from o2n_edge.runtime.manifest import BundleError, load_manifest
 
     try:
         require_report_extra()
-        manifest = read_manifest(bundle)
-        cat = category or str(manifest.get("category") or "")
+        manifest = load_manifest(bundle)
+        cat = category or manifest.category or ""
         if not cat:
             fail("the bundle names no category: pass --category")
         ds_name = dataset
-        if ds_name == "auto" and data is None and manifest.get("dataset") == "textile":
+        if ds_name == "auto" and data is None and manifest.dataset == "textile":
             ds_name = "textile"
         ds = load_dataset(data, None if ds_name == "auto" else ds_name, cat)
         target = out or Path("reports") / bundle.name

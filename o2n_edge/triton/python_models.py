@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from o2n_edge.data.images import ImageError
+from o2n_edge.runtime.manifest import BundleManifest
 from o2n_edge.runtime.types import InspectResult
 from o2n_edge.runtime.worker import Payload, inspect_payloads
 
@@ -249,11 +250,12 @@ class PipelineModel(_InspectBase):
         params = model_parameters(args)
         graph_models: dict[str, str] = json.loads(params[PARAM_GRAPH_MODELS])
         bundle = load_bundle(version_dir(args) / BUNDLE_DIR)
-        outputs = graph_output_names(bundle.manifest)
+        outputs = graph_output_names(bundle.manifest_data)
 
         def session(name: str) -> TritonGraphSession:
-            entry = bundle.manifest["models"][name]
-            ranks = {n: len(t["shape"]) for n, t in {**entry["inputs"], **entry["outputs"]}.items()}
+            entry = bundle.manifest_data.model(name)
+            tensors = {**(entry.inputs or {}), **(entry.outputs or {})}
+            ranks = {n: len(t.shape or ()) for n, t in tensors.items()}
             return TritonGraphSession(self.pb, graph_models[name], outputs[name], ranks)
 
         self.pipeline = OrtPipeline(
@@ -262,11 +264,15 @@ class PipelineModel(_InspectBase):
         self.bundle_hash = self.pipeline.bundle_hash
 
 
-def graph_output_names(manifest: dict[str, Any]) -> dict[str, list[str]]:
-    """Each graph's outputs in the order its onnxruntime session returns them."""
-    out = {name: list(entry["outputs"]) for name, entry in manifest.get("models", {}).items()}
-    if "image_encoder" in out and "encoder" in manifest:
-        out["image_encoder"] = list(manifest["encoder"]["output_names"])
+def graph_output_names(manifest: BundleManifest) -> dict[str, list[str]]:
+    """Each graph's outputs in the order its onnxruntime session returns them.
+
+    The manifest's ``outputs`` are keyed by name (JSON objects have no order to rely on); the
+    image encoder's order is the one ``encoder.output_names`` records.
+    """
+    out = {name: list(entry.outputs or {}) for name, entry in (manifest.models or {}).items()}
+    if "image_encoder" in out and manifest.encoder is not None and manifest.encoder.output_names is not None:
+        out["image_encoder"] = list(manifest.encoder.output_names)
     return out
 
 
