@@ -9,7 +9,7 @@ model (teacher) is distilled into a consistency model that LCMScheduler samples 
   ``t_n``; the student's consistency function at ``t_{n+k}`` is pulled towards the target's at
   ``t_n`` (boundary conditions c_skip/c_out, sigma_data 0.5, timestep scaling 10 - the numbers
   LCMScheduler uses). No CFG on the shots, so guidance is 1 and the UNet takes no w-embedding.
-  tiny/lite: the student is a full copy of the teacher with an EMA target (decay 0.95); sd15: a
+  tiny: the student is a full copy of the teacher with an EMA target (decay 0.95); sd15: a
   LoRA on the teacher (the LCM-LoRA recipe), whose target is the student itself without grad.
 - sd15 with ``lcm_lora``: load a pretrained LCM-LoRA and the personalization LoRA as two adapters
   with their weights, fuse; optional LCD steps then fine-tune the merged student with a LoRA.
@@ -70,8 +70,8 @@ NUM_DDIM_TIMESTEPS = 50  # the solver grid; matches LCMScheduler.original_infere
 SIGMA_DATA = 0.5
 TIMESTEP_SCALING = 10.0
 EMA_DECAY = 0.95
-BATCH_SIZE = {"tiny": 4, "lite": 8, "sd15": 2}
-LR_FULL = {"tiny": 1e-4, "lite": 5e-5}
+BATCH_SIZE = {"tiny": 4, "sd15": 2}
+LR_FULL = {"tiny": 1e-4}
 LR_LORA = 1e-4
 STUDENT_LORA_RANK = 32
 GRAD_CLIP = 1.0
@@ -200,7 +200,7 @@ def distill(
     run = load_run(rd.root, load_student=False, device=str(dev))
     spec = run.spec
     if lcm_lora is not None and spec.kind != "sd15":
-        raise ValueError("--lcm-lora applies to the sd15 profile only (tiny/lite distil by LCD)")
+        raise ValueError("--lcm-lora applies to the sd15 profile only (tiny distils by LCD)")
     lcm_file = None
     if lcm_lora is not None:  # a local file/dir or a hub id (latent-consistency/lcm-lora-sdv1-5)
         from o2n_edge.hub import resolve_lora
