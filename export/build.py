@@ -46,7 +46,6 @@ class ExportOptions:
     pool_size: int | None = None
     coreset_ratio: float | None = None
     image_size: int | None = None  # encoder input side (None = the profile's; lite: 224 is the fast setting)
-    self_tune: bool = False  # choose the setting from the shots alone (profiles.with_self_tuning)
     stats_weight: float | None = None  # global statistics branch weight (None = the profile's)
     threshold_quantile: float = THRESHOLD_QUANTILE
     force: bool = False
@@ -103,12 +102,14 @@ def export_bundle(opts: ExportOptions) -> ExportSummary:
         raise ValueError(f"--coreset must be a fraction in (0, 1] (1 = the whole bank), got {opts.coreset_ratio}")
     profile = get_profile(opts.profile)
     if opts.base_model is not None:
-        profile = replace(profile, diffusion=replace(profile.diffusion, base_model=str(opts.base_model)))
+        profile = replace(profile, diffusion=replace(profile.require_diffusion("--base-model"),
+                                                     base_model=str(opts.base_model)))
     if opts.encoder_checkpoint is not None:
         profile = replace(profile, encoder=replace(profile.encoder, checkpoint=str(opts.encoder_checkpoint)))
-    profile = with_options(profile, self_tune=opts.self_tune, image_size=opts.image_size,
-                           stats_weight=opts.stats_weight)
+    profile = with_options(profile, image_size=opts.image_size, stats_weight=opts.stats_weight)
     branches = parse_branches(opts.branches, profile)
+    if opts.pool_size and "pool" in branches:  # a generated pool needs a diffusion model (lite has none)
+        profile.require_diffusion("--pool-size")
     config = ScoringConfig.from_profile(profile, branches)
     out = Path(opts.out)
     if out.exists() and not opts.force:
@@ -119,28 +120,18 @@ def export_bundle(opts: ExportOptions) -> ExportSummary:
     ds = load_dataset(opts.data, opts.dataset, opts.category)
     shot_paths = sample_shots(ds.train_good, opts.shots, opts.seed)
     calib_paths = calibration_images(ds, shot_paths)
-    tuning = None
-    if profile.self_tune:
-        from o2n_edge.tuning import Candidate, pseudo_validate
-
-        t = time.perf_counter()
-        candidates = [Candidate(**c) if isinstance(c, dict) else c for c in profile.self_tune]
-        _say(opts.progress, f"self-tuning on the shots alone ({len(candidates)} candidate settings)")
-        tuning = pseudo_validate([load_image(p) for p in shot_paths], candidates, profile, seed=opts.seed,
-                                 progress=opts.progress)
-        chosen = next(c for c in candidates if c.name == tuning["chosen"]["name"])
-        profile = chosen.apply(profile)
-        config = ScoringConfig.from_profile(profile, branches)
-        _say(opts.progress, f"chosen: {chosen.name} (pseudo-validation AUROC {100 * tuning['pseudo_auroc']:.1f})")
-        walls["self_tune"] = round(time.perf_counter() - t, 2)
     encoder = build_encoder(profile.encoder)
     size = encoder.input_size
     draft = bool(profile.jpeg_draft)
     shot_imgs = [load_image(p, size, draft) for p in shot_paths]
 
-    # --pool-size 0 is the shots-only bank: no diffusion model needed (0 must not fall back to the default)
-    n_pool_wanted = profile.diffusion.pool_size if opts.pool_size is None else opts.pool_size
+    # --pool-size 0 is the shots-only bank: no diffusion model needed (0 must not fall back to the
+    # default); a profile without a diffusion model (lite) generates no pool by default.
+    default_pool = profile.diffusion.pool_size if profile.has_diffusion else 0
+    n_pool_wanted = default_pool if opts.pool_size is None else opts.pool_size
     needs_diffusion = "personalized" in branches or ("pool" in branches and n_pool_wanted > 0)
+    if needs_diffusion:
+        profile.require_diffusion("a generated pool (--pool-size) or the personalized branch")
     run = None
     pool_imgs = None
     if needs_diffusion:
@@ -173,7 +164,7 @@ def export_bundle(opts: ExportOptions) -> ExportSummary:
             _say(opts.progress, f"using TAESD ({opts.vae}) as the transform's VAE")
             use_taesd(run.models, opts.vae)
         walls["load_run"] = round(time.perf_counter() - t, 2)
-        n_pool = profile.diffusion.pool_size if opts.pool_size is None else opts.pool_size
+        n_pool = n_pool_wanted
         if "pool" in branches and n_pool > 0:
             t = time.perf_counter()
             _say(opts.progress, f"generating an anomaly-free pool of {n_pool} images")
@@ -198,13 +189,6 @@ def export_bundle(opts: ExportOptions) -> ExportSummary:
 
         shot_normal = encode_images(encoder, normal_of(np.stack(shot_imgs)))
     fusion_choice = {"method": "profile default (the paper's weights)"}
-    if "personalized" in branches and profile.fusion_selection == "loo":
-        from o2n_edge.fusion_weights import choose_weights_loo
-
-        _say(opts.progress, "choosing the fusion weights on the shots (leave-one-shot-out)")
-        fusion_choice = choose_weights_loo(shot_imgs, lambda x: encode_images(encoder, x), normal_of, config,
-                                           augment_views, seed=opts.seed)
-        config = replace(config, weights=fusion_choice["weights"])
     reference = build_reference(shot_feats, config, text_features, pool_feats, shot_normal)
     bank_rows = int(reference.memory_bank.shape[0])
     coreset_info = {"ratio": 1.0, "rows_before": bank_rows, "rows_after": bank_rows}
@@ -256,8 +240,6 @@ def export_bundle(opts: ExportOptions) -> ExportSummary:
                       "images": [p.name for p in calib_paths]},
         "models": {name: rep.manifest_entry() for name, (rep, _) in models.items()},
     }
-    if tuning is not None:
-        manifest["tuning"] = tuning
     if run is not None and "personalized" in branches:
         from o2n_edge.diffusion import transform_noise, transform_plan
         from o2n_edge.diffusion.taesd import vae_record
@@ -276,8 +258,7 @@ def export_bundle(opts: ExportOptions) -> ExportSummary:
             "scheduler": lcm_tables(lcm_scheduler(run)),
             "transform": {"strength": plan["strength"], "steps": plan["num_inference_steps"],
                           "steps_run": plan["steps_run"], "timesteps": [int(x) for x in plan["timesteps"]],
-                          "strength_mode": "lcm", "seed": opts.seed,
-                          "keep_low_sigma": float(run.spec.keep_low_sigma)},
+                          "strength_mode": "lcm", "seed": opts.seed},
             "diffusion": {"kind": run.spec.kind, "latent_shape": lat, "distill": run.distill_info.get("distances", {}),
                           "student": student_record(run.distill_info), "vae": vae_record(m.vae)},
         })

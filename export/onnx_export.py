@@ -13,8 +13,7 @@ models the TorchScript tracer gives a correct dynamic-batch graph in well under 
 tiny profile; validation at a different batch proves the batch axis really is dynamic. Switch
 by passing ``dynamo=True`` once ``onnxscript`` is installed and validated.
 
-Stages, each skipped when its artifact is current (DESIGN.md "staged, idempotent export"):
-a sidecar ``<out>.json`` records the *input hash* (weights + configs + wrapper source + spec +
+Stages, each skipped when its artifact is current (a staged, idempotent export): a sidecar ``<out>.json`` records the *input hash* (weights + configs + wrapper source + spec +
 precision + options + producing versions) and the output's sha256. A later call with the same
 inputs and an intact output returns the recorded report with ``skipped=True``; ``force=True``
 redoes it. The graph is built and validated in a temp dir beside the output and moved in only
@@ -23,7 +22,6 @@ when valid; the sidecar is written last, so a crash never leaves a file that loo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -31,20 +29,25 @@ import shutil
 import time
 import uuid
 import warnings
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from o2n_edge._lazy import require
-from o2n_edge.runtime.bundle import ORT_DISABLED_OPTIMIZERS
 from o2n_edge.runtime.engine_cache import model_digest
 
 from .bundle_writer import producing_versions
+from .export_record import (  # noqa: F401 (sidecar_path and state_digest re-exported)
+    HASH_VERSIONS,
+    ExportReport,
+    _inputs_digest,
+    _read_sidecar,
+    input_hash,
+    sidecar_path,
+    state_digest,
+)
 from .fp16 import name_nodes, convert_to_fp16, fp16_range_audit
-from .specs import ExportSpec, spec_digest
-from .validate import case_feeds, real_cases, validate, validation_cases
+from .specs import ExportSpec
+from .validate import case_feeds, validate, validation_cases
 
 torch = require("torch", "the ONNX export")
 onnx = require("onnx", "the ONNX export")
@@ -52,138 +55,10 @@ onnx = require("onnx", "the ONNX export")
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16")
-SIDECAR_SUFFIX = ".json"
 # Protobuf cannot serialize a message over 2 GiB; past 1 GiB of weights we already switch to
 # external data, far from the limit (an SD-1.5 UNet is 3.4 GB in fp32, 1.7 GB in fp16).
 EXTERNAL_DATA_THRESHOLD = 2**30
 EXTERNAL_MIN_TENSOR = 1024  # bytes: smaller tensors stay inline
-HASH_VERSIONS = ("o2n-edge", "torch", "diffusers", "onnx", "onnxruntime", "onnxslim")
-REPORT_VERSION = 1
-
-
-@dataclass
-class ExportReport:
-    """What one export produced (also the sidecar content and the manifest's model entry)."""
-
-    name: str
-    path: str
-    precision: str
-    input_hash: str
-    sha256: str  # model_digest: .onnx (+ .onnx.data)
-    files: list[str]  # file names written next to each other (graph first)
-    bytes: int
-    opset: int
-    skipped: bool = False
-    external_data: bool = False
-    simplified: bool = False
-    simplify_error: str | None = None
-    fp16: dict[str, Any] = field(default_factory=dict)
-    validation: dict[str, float] = field(default_factory=dict)
-    tolerance: float = 0.0
-    inputs: dict[str, Any] = field(default_factory=dict)
-    outputs: dict[str, Any] = field(default_factory=dict)
-    trt_profiles: list[dict[str, Any]] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)
-    export_s: float = 0.0
-    versions: dict[str, Any] = field(default_factory=dict)
-    report_version: int = REPORT_VERSION
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict (the sidecar)."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ExportReport:
-        """Inverse of :meth:`to_dict`; unknown keys are ignored."""
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
-
-    def manifest_entry(self) -> dict[str, Any]:
-        """The bundle manifest's ``models[name]`` entry (file name relative to the bundle)."""
-        return {
-            "file": Path(self.path).name,
-            "inputs": self.inputs,
-            "outputs": self.outputs,
-            "precision": self.precision,
-            "opset": self.opset,
-            "validation": self.validation,
-            "tolerance": self.tolerance,
-            "trt_profiles": self.trt_profiles,
-            "ort_disabled_optimizers": list(ORT_DISABLED_OPTIMIZERS.get(self.precision, ())),
-            "extra": self.extra,
-        }
-
-
-def state_digest(module: Any) -> str:
-    """sha256 over every parameter/buffer (name, dtype, shape, bytes), streamed."""
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        if t.numel():
-            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-    return h.hexdigest()
-
-
-def _inputs_digest(real_inputs: Any) -> str | None:
-    """sha256 over the real inputs' arrays (None when there are none)."""
-    if real_inputs is None:
-        return None
-    h = hashlib.sha256()
-    for _, xs in enumerate(real_cases(real_inputs)):
-        for x in xs:
-            a = np.ascontiguousarray(x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x))
-            h.update(f"{a.dtype}|{a.shape}|".encode())
-            h.update(memoryview(a).cast("B"))
-    return h.hexdigest()
-
-
-def _configs(module: Any) -> dict[str, Any]:
-    """diffusers/transformers configs of every submodule (e.g. the VAE's scaling_factor)."""
-    out = {}
-    for name, sub in module.named_modules():
-        cfg = getattr(sub, "config", None)
-        if cfg is None:
-            continue
-        try:
-            d = dict(cfg) if hasattr(cfg, "keys") else cfg.to_dict()
-        except Exception:  # noqa: BLE001 - unknown config types are described by repr
-            d = {"repr": repr(cfg)}
-        out[name] = json.loads(json.dumps(d, sort_keys=True, default=str))
-    return out
-
-
-def input_hash(module: Any, spec: ExportSpec, precision: str, options: dict[str, Any]) -> str:
-    """The export's input hash: anything that changes here changes the artifact."""
-    versions = producing_versions(HASH_VERSIONS)
-    blob = json.dumps(
-        {
-            "state": state_digest(module),
-            "module": repr(module),
-            "configs": _configs(module),
-            "spec": spec_digest(spec),
-            "precision": precision,
-            "options": options,
-            "versions": versions,
-        },
-        sort_keys=True, default=str,
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def sidecar_path(out_path: str | Path) -> Path:
-    """``<out>.onnx.json``."""
-    p = Path(out_path)
-    return p.with_name(p.name + SIDECAR_SUFFIX)
-
-
-def _read_sidecar(out_path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(sidecar_path(out_path).read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _io_description(
     model: Any, spec: ExportSpec, traced_shapes: dict[str, list[int]]
 ) -> tuple[dict[str, Any], dict[str, Any]]:

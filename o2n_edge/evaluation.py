@@ -70,55 +70,11 @@ class _FixedFeatures:
                       if dataset.has_masks else None)
         self.test_feats = _encode(encoder, self.images, "encode test images" if progress else None)
 
-    def for_candidate(self, candidate) -> "_FixedFeatures":
-        return self
-
     def test(self) -> dict[str, np.ndarray]:
         return self.test_feats
 
     def encode(self, images: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
         return _encode(self.encoder, resize_uint8(list(images), self.size))
-
-
-class _TunedFeatures:
-    """Self-tuned runs: the test set encoded once per (network, resolution, tiling) and any
-    layer/aggregation setting composed from the cached backbone maps (o2n_edge.tuning.features)."""
-
-    def __init__(self, profile: Profile, dataset: Dataset, draft: bool, progress: bool) -> None:
-        self.profile, self.dataset, self.draft, self.progress = profile, dataset, draft, progress
-        self._trunks: dict[tuple, tuple] = {}
-        self.candidate = None
-
-    def for_candidate(self, candidate) -> "_TunedFeatures":
-        from o2n_edge.encoders import build_encoder
-        from o2n_edge.tuning.features import encode_trunk, trunk_spec
-
-        self.candidate = candidate
-        self.spec = candidate.encoder_spec(self.profile.encoder)
-        key = candidate.encoding_key
-        if key not in self._trunks:
-            side = self.spec.input_size
-            samples = self.dataset.test
-            images = [load_image(s.path, side, self.draft) for s in progress_iter(samples, f"load test images ({side} px)", self.progress)]
-            masks = np.stack([load_mask(s.mask_path, (side, side)) for s in samples]) if self.dataset.has_masks else None
-            encoder = build_encoder(trunk_spec(self.spec))
-            trunk = encode_trunk(self.spec, images, encoder=encoder,
-                                 progress=f"encode test images ({candidate.name.split(' ')[0]})" if self.progress else None)
-            self._trunks[key] = (images, masks, encoder, trunk)
-        self.images, self.masks, self.encoder, self.trunk = self._trunks[key]
-        self.size = self.spec.input_size
-        return self
-
-    def test(self) -> dict[str, np.ndarray]:
-        c = self.candidate
-        return self.trunk.compose(c.layers, c.aggregation)
-
-    def encode(self, images: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
-        from o2n_edge.tuning.features import encode_trunk
-
-        c = self.candidate
-        trunk = encode_trunk(self.spec, list(resize_uint8(list(images), self.size)), stages=tuple(c.layers), encoder=self.encoder)
-        return trunk.compose(c.layers, c.aggregation)
 
 
 def evaluate(
@@ -138,10 +94,6 @@ def evaluate(
     ``coreset``: keep this fraction of the memory bank (greedy k-center, as ``export`` does with
     the profile's ratio), so the scores are those of the bank a bundle ships; None = whole bank.
     ``on_run``: called with each finished run record (benchmarks write results incrementally).
-
-    With a self-tuning profile (``profile.self_tune``), every (shots, seed) first picks its
-    setting from the shots alone (o2n_edge.tuning); the choice and its pseudo-validation score are
-    in each run's ``tuning`` record. The test split is only ever scored, never used to choose.
     """
     from o2n_edge.encoders import build_encoder
 
@@ -149,11 +101,7 @@ def evaluate(
     if "personalized" in branches and normal_provider is None:
         raise ValueError("the personalized branch needs a personalized run (--run or on-the-fly personalization)")
     draft = bool(profile.jpeg_draft)
-    tuned = bool(profile.self_tune) and encoder is None
-    if tuned:
-        source = _TunedFeatures(profile, dataset, draft, progress)
-    else:
-        source = _FixedFeatures(encoder if encoder is not None else build_encoder(profile.encoder), dataset, draft, progress)
+    source = _FixedFeatures(encoder if encoder is not None else build_encoder(profile.encoder), dataset, draft, progress)
     samples = dataset.test
     labels = np.array([s.label for s in samples], dtype=np.int64)
     text_features = None
@@ -163,18 +111,7 @@ def evaluate(
         for seed in seeds:
             t_run = time.perf_counter()
             shot_paths = sample_shots(dataset.train_good, k, seed)
-            tuning = None
-            run_profile = profile
-            if tuned:
-                from o2n_edge.tuning import Candidate, pseudo_validate
-
-                candidates = [Candidate(**c) if isinstance(c, dict) else c for c in profile.self_tune]
-                tuning = pseudo_validate([load_image(p) for p in shot_paths], candidates, profile, seed=seed,
-                                         progress=progress)
-                chosen = next(c for c in candidates if c.name == tuning["chosen"]["name"])
-                run_profile = chosen.apply(profile)
-                source.for_candidate(chosen)
-            config = ScoringConfig.from_profile(run_profile, tuple(branches))
+            config = ScoringConfig.from_profile(profile, tuple(branches))
             size = source.size
             if "text" in config.branches and text_features is None:
                 text_features = text_features_for(source.encoder, dataset.category)
@@ -222,9 +159,6 @@ def evaluate(
                 **info,
                 "wall_s": round(time.perf_counter() - t_run, 3),
             }
-            if tuning is not None:
-                run["tuning"] = tuning
-                run["setting"] = tuning["chosen"]["name"]
             runs.append(run)
             if on_run is not None:
                 on_run(run)
@@ -236,8 +170,7 @@ def evaluate(
         "pool_size": int(runs[0].get("pool_size", 0)) if runs else 0,
         "num_test": len(samples),
         "num_anomalous": int(labels.sum()),
-        "self_tuned": tuned,
-        "setting": None if tuned else fixed_setting(profile),
+        "setting": fixed_setting(profile),
         "coreset": coreset,
         "runs": runs,
         "summary": summarize(runs),
@@ -246,14 +179,14 @@ def evaluate(
 
 
 def fixed_setting(profile: Profile) -> str:
-    """One line naming what a fixed (not self-tuned) profile scores with, as ``eval`` prints it."""
+    """One line naming what the profile scores with, as ``eval`` prints it."""
     e = profile.encoder
     if not e.kind.startswith("efficientnet_lite"):
         return f"{e.kind} {e.model_name} at {e.input_size} px"
-    from o2n_edge.tuning import Candidate
-
-    return (f"{Candidate.from_profile(profile).name}, border rings {profile.border_fraction:g}, "
-            f"global cosine weight {profile.global_weight:g}")
+    tiles = f"x{e.tiles}t" if e.tiles > 1 else ""
+    layers = ",".join(map(str, tuple(e.layers) or (2, 4)))
+    name = f"{e.kind.replace('efficientnet_', '')}@{e.image_size}{tiles} L{layers} k{e.aggregation} g{profile.stats_weight:g}"
+    return f"{name}, border rings {profile.border_fraction:g}, global cosine weight {profile.global_weight:g}"
 
 
 def summarize(runs: list[dict]) -> list[dict]:
@@ -270,7 +203,5 @@ def summarize(runs: list[dict]) -> list[dict]:
             else:
                 row[key] = None
         row["wall_s"] = round(sum(r["wall_s"] for r in group), 3)
-        if any("setting" in r for r in group):
-            row["settings"] = [r.get("setting") for r in group]
         out.append(row)
     return out

@@ -46,17 +46,18 @@ def ensure_run(
     from o2n_edge.diffusion.personalize import personalize
     from o2n_edge.diffusion.run_dir import RunDir
 
+    spec = profile.require_diffusion("personalize")
     rd = RunDir(run_dir)
     info: dict = {}
-    size = profile.diffusion.image_size
+    size = spec.image_size
     if not rd.run_json.is_file():
         t = time.perf_counter()
         shots = [load_image(p, size) for p in shot_paths]
-        personalize(shots, category, profile.diffusion, run_dir, steps=personalize_steps, seed=seed, progress=progress)
+        personalize(shots, category, spec, run_dir, steps=personalize_steps, seed=seed, progress=progress)
         info["personalize_s"] = round(time.perf_counter() - t, 2)
     if not rd.distill_json.is_file():
         t = time.perf_counter()
-        distill(run_dir, steps=distill_steps, num_inference_steps=profile.diffusion.steps, progress=progress, seed=seed,
+        distill(run_dir, steps=distill_steps, num_inference_steps=spec.steps, progress=progress, seed=seed,
                 lcm_lora=lcm_lora or None, lcm_lora_scale=lcm_lora_scale)
         info["distill_s"] = round(time.perf_counter() - t, 2)
     return info
@@ -76,7 +77,7 @@ def make_normal_provider(
     """A :class:`o2n_edge.evaluation.NormalProvider`: a fixed run, or one personalized per shots/seed."""
     from o2n_edge.diffusion import generate_pool, load_run, one_to_normal
 
-    n_pool = profile.diffusion.pool_size if pool_size is None else int(pool_size)
+    n_pool = profile.require_diffusion("a personalized run").pool_size if pool_size is None else int(pool_size)
     fixed = load_run(run_dir) if run_dir is not None else None
 
     def provider(shot_paths: list[Path], shots: int, seed: int) -> PersonalizedViews:

@@ -1,9 +1,9 @@
 """Model profiles: one place that says which networks, sizes and defaults each profile uses.
 
 Every stage (encoders, personalization, distillation, export, runtime) reads its settings from
-here so that `tiny` (tests/CI), `lite` (real scores on any CPU) and `sd15` (production on GPU)
-differ only in data, never in code paths.
-"""
+here. `tiny` (tests/CI) and `sd15` (production on GPU) run the whole One-to-Normal path and differ
+only in data; `lite` (real scores on any CPU) is the memory-bank detector: it has no diffusion
+model (``Profile.diffusion is None``), so its only branch is the shots' memory bank (``pool``)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ class EncoderSpec:
 class DiffusionSpec:
     """The diffusion model that is personalized, distilled and run by the transform."""
 
-    kind: str  # "tiny" | "lite" | "sd15"
+    kind: str  # "tiny" | "sd15"
     image_size: int  # pixel side the diffusion model works at
     strength: float = 0.3  # SDEdit noise strength of the one-to-normal transform
     steps: int = 4  # few-step (LCM) denoising steps of the distilled model
@@ -53,9 +53,6 @@ class DiffusionSpec:
     base_model: str = ""  # sd15: local diffusers checkpoint dir
     lcm_lora: str = ""  # sd15: LCM-LoRA merged by default (local path or hub id; "" = distil by LCD)
     seed: int = 0
-    # Transform: keep the query's latent low frequencies (gaussian sigma in latent pixels; 0 = off)
-    # and take only the detail from the denoiser (lite; o2n_edge.diffusion.lite says why).
-    keep_low_sigma: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -64,8 +61,10 @@ class Profile:
 
     name: str
     encoder: EncoderSpec
-    diffusion: DiffusionSpec
-    # Fusion weights of the triplet branches (DESIGN.md: the paper's 1.0 / 0.5).
+    # The One-to-Normal diffusion model; None = a memory-bank detector (lite), which has no
+    # personalized branch and no generated pool.
+    diffusion: DiffusionSpec | None
+    # Fusion weights of the triplet branches (the paper's 1.0 / 0.5).
     weights: dict[str, float] = field(
         default_factory=lambda: {"personalized": 1.0, "pool": 1.0, "text": 0.5}
     )
@@ -80,9 +79,6 @@ class Profile:
     # Decode JPEGs at a reduced DCT scale that still covers the scoring size (PIL draft mode);
     # recorded in the bundle so the runtime decodes exactly as the export did.
     jpeg_draft: bool = False
-    # Self-tuning (o2n_edge.tuning): the settings a category may choose from, by leave-one-shot-out
-    # pseudo-validation on the shots with synthetic defects; () = the fixed encoder above.
-    self_tune: tuple = ()
     prompt_template: str = "a photo of sks {category}"
     # Export default: keep this fraction of the memory bank (greedy k-center); None = the whole
     # bank up to export.build.MAX_BANK_ROWS. lite uses 0.1: measured on hazelnut, tire and
@@ -92,30 +88,36 @@ class Profile:
     # Branches used when --branches is not given; None = every branch the profile has. The
     # others stay available through --branches.
     default_branch_names: tuple[str, ...] | None = None
-    # "fixed": the weights above (the paper's, sd15); "loo": the personalized weight is chosen on
-    # the shots, leave-one-shot-out (o2n_edge.fusion_weights), and written into the bundle.
-    fusion_selection: str = "fixed"
+
+    @property
+    def has_diffusion(self) -> bool:
+        """Whether the profile runs One-to-Normal (personalize, distil, transform, generated pool)."""
+        return self.diffusion is not None
 
     @property
     def branches(self) -> tuple[str, ...]:
-        """Every branch this profile can run (text only where the encoder has a text tower)."""
-        return tuple(b for b in BRANCHES if b != "text" or self.has_text)
+        """Every branch this profile can run: personalized only with a diffusion model, text only
+        where the encoder has a text tower."""
+        return tuple(b for b in BRANCHES
+                     if (b != "text" or self.has_text) and (b != "personalized" or self.has_diffusion))
+
+    def require_diffusion(self, what: str = "") -> DiffusionSpec:
+        """The diffusion spec, or a one-line error saying which profiles have one.
+
+        Every diffusion command calls this first, so ``personalize --profile lite`` fails at once
+        with the fix instead of deep inside model building.
+        """
+        if self.diffusion is None:
+            prefix = f"{what}: " if what else ""
+            raise ValueError(f"{prefix}profile {self.name!r} has no diffusion model (it is the memory-bank "
+                             f"detector): use --profile tiny or sd15")
+        return self.diffusion
 
     @property
     def default_branches(self) -> tuple[str, ...]:
         """The branches a command runs when --branches is not given."""
         return self.default_branch_names or self.branches
 
-
-# What `--self-tune` lets the lite profile choose from per category (o2n_edge.tuning.Candidate
-# fields), cheapest first: the resolution (224 px is ~4x faster, 448 px sees small defects) and the
-# weight of the global statistics branch. Off by default: on textile the pseudo-validation prefers
-# no statistics branch where the test set gains 12-15 AUROC points from it, and it saturates at 100
-# with one shot (README "Detection core v3", self-tuning).
-LITE_SELF_TUNE = tuple(
-    {"kind": "efficientnet_lite0", "image_size": size, "layers": (2, 4), "aggregation": 3, "stats_weight": w}
-    for size in (224, 448) for w in (0.0, 0.5, 1.0)
-)
 
 PROFILES: dict[str, Profile] = {
     "tiny": Profile(
@@ -129,30 +131,22 @@ PROFILES: dict[str, Profile] = {
     ),
     "lite": Profile(
         name="lite",
-        # Detection core v3 (issue 11, benchmarks/results/accuracy_lite_v2.md): Lite0 at 448 px so
+        # Detection core v3 (benchmarks/results/accuracy_lite_v2.md): Lite0 at 448 px so
         # a defect of a few pixels spans grid cells; the pool map standardized per border ring
         # (15% of the grid side), without which the border sets every image's score; the global
         # statistics branch at 0.5 for whole-image defects; no global cosine term (it cost tire
         # 5-10 points at 1-2 shots). `--image-size 224` is the faster setting.
         encoder=EncoderSpec(kind="efficientnet_lite0", image_size=448),
-        # TAEF2 latents (pretrained, shipped) at 128 px + a local denoiser trained on latent crops
-        # at t <= strength: one step from `strength` is its own x0 prediction, so there is nothing
-        # to distil (distill records the student = teacher and its distances).
-        diffusion=DiffusionSpec(
-            kind="lite", image_size=128, steps=1, strength=0.3, personalize_steps=600,
-            distill_steps=0, pool_size=0, keep_low_sigma=2.0,
-        ),
+        diffusion=None,
         has_text=False,
         coreset_ratio=0.1,
         jpeg_draft=True,
         stats_weight=0.5,
         global_weight=0.0,
         border_fraction=0.15,
-        fusion_selection="loo",
-        # The honest default (issue 10): on a CPU the memory bank does the work. No variant of the
-        # lite transform beat the shots-only bank on two of hazelnut, tire and textile
-        # (benchmarks/results/ablation_lite_v2.md), so lite exports and evaluates without it;
-        # `--branches personalized,pool --pool-size 16` turns the transform and the pool on.
+        # On a CPU the memory bank does the work: no variant of a CPU-sized diffusion transform
+        # beat the shots-only bank on two of hazelnut, tire and textile
+        # (benchmarks/results/ablation_lite_v2.md), so lite has no diffusion model at all.
         default_branch_names=("pool",),
     ),
     "sd15": Profile(
@@ -179,32 +173,13 @@ MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 1024
 
 
 def with_image_size(profile: Profile, size: int) -> Profile:
-    """``profile`` scoring at ``size`` px (``--image-size``): the speed/small-defect trade-off.
-
-    A self-tuning profile tunes at that size only (its candidates' sizes are replaced), so the
-    choice the user made is never overruled by the pseudo-validation.
-    """
+    """``profile`` scoring at ``size`` px (``--image-size``): the speed/small-defect trade-off."""
     if isinstance(size, bool) or not isinstance(size, int) or not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
         raise ValueError(f"--image-size must be an integer from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} px, got {size!r}")
     if profile.encoder.kind == "open_clip" and profile.encoder.model_name != "tiny":
         raise ValueError(f"--image-size applies to the EfficientNet-Lite profiles; {profile.name!r} uses "
                          f"{profile.encoder.model_name} at its fixed {profile.encoder.image_size} px")
-    return replace(profile, encoder=replace(profile.encoder, image_size=size),
-                   self_tune=_candidates_with(profile.self_tune, image_size=size))
-
-
-def _candidates_with(candidates: tuple, **fields: object) -> tuple:
-    """Self-tuning candidates (dicts or tuning.Candidate) with ``fields`` set, repeats dropped."""
-    return _unique(dict(c, **fields) if isinstance(c, dict) else replace(c, **fields) for c in candidates)
-
-
-def _unique(items) -> tuple:
-    """Items in order, repeats dropped (dicts are not hashable, so by equality)."""
-    out: list = []
-    for item in items:
-        if item not in out:
-            out.append(item)
-    return tuple(out)
+    return replace(profile, encoder=replace(profile.encoder, image_size=size))
 
 
 def with_stats_weight(profile: Profile, weight: float) -> Profile:
@@ -216,24 +191,13 @@ def with_stats_weight(profile: Profile, weight: float) -> Profile:
     """
     if not 0.0 <= float(weight) <= 10.0:
         raise ValueError(f"--stats-weight must be between 0 (off) and 10, got {weight}")
-    return replace(profile, stats_weight=float(weight),
-                   self_tune=_candidates_with(profile.self_tune, stats_weight=float(weight)))
+    return replace(profile, stats_weight=float(weight))
 
 
-def with_self_tuning(profile: Profile) -> Profile:
-    """``profile`` choosing its setting per category from the shots alone (``--self-tune``)."""
-    if not profile.encoder.kind.startswith("efficientnet_lite"):
-        raise ValueError(f"--self-tune chooses among EfficientNet-Lite settings; profile {profile.name!r} "
-                         f"uses {profile.encoder.kind}")
-    return replace(profile, self_tune=LITE_SELF_TUNE)
-
-
-def with_options(profile: Profile, *, self_tune: bool = False, image_size: int | None = None,
+def with_options(profile: Profile, *, image_size: int | None = None,
                  stats_weight: float | None = None) -> Profile:
-    """The user's ``--self-tune`` / ``--image-size`` / ``--stats-weight`` applied in one order
-    (``eval`` and ``export`` share it, so a bundle scores as its eval did)."""
-    if self_tune:
-        profile = with_self_tuning(profile)
+    """The user's ``--image-size`` / ``--stats-weight`` applied in one order (``eval`` and
+    ``export`` share it, so a bundle scores as its eval did)."""
     if image_size is not None:
         profile = with_image_size(profile, image_size)
     if stats_weight is not None:
@@ -249,6 +213,8 @@ def parse_branches(text: str | None, profile: Profile) -> tuple[str, ...]:
     for b in chosen:
         if b not in BRANCHES:
             raise ValueError(f"unknown branch {b!r}: choose from {', '.join(BRANCHES)}")
+        if b == "personalized":
+            profile.require_diffusion("--branches personalized")
         if b not in profile.branches:
             raise ValueError(
                 f"branch {b!r} is not available with profile {profile.name!r} "

@@ -28,7 +28,6 @@ from o2n_edge.data.preprocess import preprocess_numpy, resize_uint8
 from o2n_edge.data.tiling import TileLayout, split_tiles, stitch_outputs
 from o2n_edge.runtime.bank_search import NearestSearch, NumpyBankSearch, OrtBankSearch
 from o2n_edge.runtime.bundle import Bundle, load_bundle
-from o2n_edge.runtime.latent_ops import keep_low_frequencies
 from o2n_edge.runtime.scheduler import NumpyLCMScheduler
 from o2n_edge.runtime.scoring import Scorer, ScoringParams
 from o2n_edge.runtime.types import InspectResult
@@ -140,7 +139,10 @@ class OrtPipeline:
             self.diffusion_size = int(m["diffusion_image_size"])
             self.scheduler_config = m["scheduler"]
             self.steps, self.strength = int(t["steps"]), float(t["strength"])
-            self.keep_low_sigma = float(t.get("keep_low_sigma", 0.0))
+            if float(t.get("keep_low_sigma", 0.0)):  # bundles of the removed CPU diffusion transform
+                raise ValueError(f"{self.bundle.path} runs the "
+                                 "removed lite diffusion transform: export it again (lite is now the "
+                                 "memory-bank detector; --profile tiny or sd15 run the transform)")
             sched = NumpyLCMScheduler.from_config(self.scheduler_config)
             self.timesteps = sched.set_timesteps(self.steps, strength=self.strength)
             assert [int(x) for x in self.timesteps] == [int(x) for x in t["timesteps"]], "scheduler tables disagree with the manifest's timesteps"
@@ -233,7 +235,6 @@ class OrtPipeline:
             sample = sample.astype(np.float32)
             timings[f"unet_step_{i}"] = _ms(t0)
         t0 = time.perf_counter()
-        denoised = keep_low_frequencies(denoised.astype(np.float32), latents, self.keep_low_sigma)
         pixels = self.sessions["vae_decoder"].run(None, {"latent": denoised.astype(np.float32)})[0]  # type: ignore[attr-defined]
         normals = np.clip((pixels.transpose(0, 2, 3, 1) + 1.0) * 127.5, 0, 255).round().astype(np.uint8)
         timings["vae_decode"] = _ms(t0)

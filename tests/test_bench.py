@@ -125,24 +125,6 @@ def test_torch_twin_matches_the_runtime_and_bundle_latency_runs(tiny, tmp_path: 
 
 
 @pytest.mark.slow
-def test_cascade_runtime_agrees_with_the_full_pipeline(tiny, shared_data: Path) -> None:
-    from o2n_edge.data import load_image
-    from o2n_edge.runtime.cascade import CascadePipeline
-    from o2n_edge.runtime.pipeline import OrtPipeline
-
-    bundle, _ = tiny
-    pipe = OrtPipeline(bundle)
-    images = [load_image(p) for p in sorted((shared_data / "hazelnut_toy/hazelnut/test/colour").glob("*.jpg"))[:3]]
-    full = [r.score for r in pipe.inspect_batch(images)]
-    always = CascadePipeline(pipe, skip_below=-np.inf).inspect_batch(images)
-    assert np.allclose([r.score for r in always], full, atol=1e-5) and all(r.normal is not None for r in always)
-    never = CascadePipeline(pipe, skip_below=np.inf)
-    out = never.inspect_batch(images)
-    assert never.last_escalated == [False] * 3 and all(not r.decision and r.normal is None for r in out)
-    assert not any(k.startswith("unet") for k in out[0].timings_ms)
-
-
-@pytest.mark.slow
 def test_server_int8_and_bench_main_on_a_bundle(tiny, shared_data: Path, tmp_path: Path, monkeypatch) -> None:
     from o2n_edge.bench import bench_main
     from o2n_edge.bench.server_bench import bench_server

@@ -50,3 +50,18 @@ def test_personalize_distill_transform_eval(shared_data: Path, tmp_path: Path) -
 def test_distill_refuses_a_directory_that_is_not_a_run(tmp_path: Path) -> None:
     res = runner.invoke(app, ["distill", str(tmp_path)])
     assert res.exit_code == 2 and "o2n-edge personalize" in res.output
+
+
+def test_lite_has_no_diffusion_model(shared_data: Path, tmp_path: Path) -> None:
+    """lite is the memory-bank detector: the diffusion commands say so in one line."""
+    res = runner.invoke(app, ["personalize", "--category", "hazelnut", "--data", str(shared_data / "hazelnut_toy"),
+                              "--profile", "lite", "--out", str(tmp_path / "run"), "--no-progress"])
+    assert res.exit_code == 2 and "profile 'lite' has no diffusion model" in res.output, res.output
+    assert "--profile tiny or sd15" in res.output and "Traceback" not in res.output
+    old = tmp_path / "old-lite-run"  # a run written when lite still had a diffusion model
+    old.mkdir()
+    (old / "run.json").write_text(json.dumps({"spec": {"kind": "lite", "image_size": 128, "keep_low_sigma": 2.0}}))
+    for cmd in (["distill", str(old), "--no-progress"], ["transform", str(old), str(tmp_path / "q.png"),
+                                                         "--out", str(tmp_path / "o")]):
+        res = runner.invoke(app, cmd)
+        assert res.exit_code == 2 and "profile 'lite'" in res.output and "tiny or sd15" in res.output, res.output

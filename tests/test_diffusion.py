@@ -25,8 +25,6 @@ from o2n_edge.diffusion import (  # noqa: E402
     build_models,
     generate_pool,
     load_run,
-    make_tiny_lora,
-    make_tiny_sd15_checkpoint,
     one_to_normal,
     transform_plan,
 )
@@ -36,6 +34,7 @@ from o2n_edge.diffusion.personalize import augment, personalize  # noqa: E402
 from o2n_edge.diffusion.run_dir import RunDir  # noqa: E402
 from o2n_edge.diffusion.transform import lcm_denoise, lcm_scheduler  # noqa: E402
 from o2n_edge.profiles import PROFILES  # noqa: E402
+from sd15_fixtures import make_tiny_lora, make_tiny_sd15_checkpoint  # noqa: E402
 
 TINY = PROFILES["tiny"].diffusion
 SIZE = TINY.image_size

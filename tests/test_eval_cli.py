@@ -51,9 +51,9 @@ def test_eval_lite_prints_its_setting_and_scores_with_the_coreset(shared_data: P
                               "--no-progress", "--json", str(out)])
     assert res.exit_code == 0, res.output
     doc = json.loads(out.read_text())
-    assert not doc["self_tuned"] and doc["coreset"] == 0.1
+    assert "self_tuned" not in doc and doc["coreset"] == 0.1
     assert doc["setting"].startswith("lite0@224 L2,4 k3 g1, border rings 0.15")
-    assert f"setting: {doc['setting']} (fixed" in res.output
+    assert f"setting: {doc['setting']} (fixed)" in res.output
     assert doc["runs"][0]["image_auroc"] > 0.9  # hazelnut's blue paint is easy at any setting
 
 
@@ -64,7 +64,10 @@ def test_eval_lite_prints_its_setting_and_scores_with_the_coreset(shared_data: P
         (["--category", "hazelnut", "--profile", "huge"], "unknown profile"),
         (["--category", "hazelnut", "--shots", "one"], "--shots"),
         (["--category", "hazelnut", "--branches", "text", "--profile", "lite"], "not available"),
-        (["--category", "hazelnut", "--branches", "personalized"], "--run"),
+        (["--category", "hazelnut", "--branches", "personalized", "--profile", "tiny"], "--run"),
+        # lite is the memory-bank detector: no transform, no personalization
+        (["--category", "hazelnut", "--branches", "personalized"], "profile 'lite' has no diffusion model"),
+        (["--category", "hazelnut", "--personalize"], "profile 'lite' has no diffusion model"),
         (["--category", "walnut"], "hazelnut"),  # the message lists the categories that exist
         (["--category", "hazelnut", "--shots", "99", "--profile", "tiny"], "28"),  # only 28 good images
         (["--category", "hazelnut", "--image-size", "5000"], "--image-size"),
@@ -88,3 +91,10 @@ def test_missing_data_root_names_option_and_env(monkeypatch: pytest.MonkeyPatch)
     res = runner.invoke(app, ["eval", "--category", "pcb", "--no-progress"])
     assert res.exit_code == 2
     assert "--data" in res.output and "O2N_DATA" in res.output
+
+
+def test_removed_options_are_unknown() -> None:
+    """Self-tuning was measured no better than the fixed lite setting and is gone."""
+    for cmd in (["eval", "--category", "hazelnut"], ["export", "--category", "hazelnut"]):
+        res = runner.invoke(app, cmd + ["--self-tune"])
+        assert res.exit_code == 2 and "--self-tune" in res.output

@@ -157,7 +157,7 @@ def test_export_sd15_classes_at_tiny_size(shared_data: Path, tmp_path: Path, mon
     from dataclasses import replace
 
     from o2n_edge import profiles
-    from o2n_edge.diffusion import make_tiny_sd15_checkpoint
+    from sd15_fixtures import make_tiny_sd15_checkpoint
     from o2n_edge.export.build import ExportOptions, export_bundle
     from o2n_edge.runtime.bundle import verify_bundle
 
@@ -239,29 +239,6 @@ def test_profile_coreset_default_and_override(tiny_bundle, shared_data: Path, tm
         assert not (tmp_path / bad).exists()
 
 
-def test_cascade_reuses_the_cheap_pass_and_matches_the_full_pipeline(tiny_bundle, shared_data: Path) -> None:
-    """Escalated images get the full pipeline's scores, and the bank is searched once per image, not twice."""
-    from o2n_edge.data import load_dataset, load_image
-    from o2n_edge.runtime.cascade import CascadePipeline
-    from o2n_edge.runtime.pipeline import OrtPipeline
-
-    ds = load_dataset(shared_data / "hazelnut_toy", "mvtec", "hazelnut")
-    images = [load_image(x.path) for x in ds.test[:4]]
-    pipe = OrtPipeline(tiny_bundle.bundle)
-    full = np.array([r.score for r in pipe.inspect_batch(images)])
-    cascade = CascadePipeline(pipe, skip_below=-np.inf)
-    calls = []
-    search = pipe.scorer.search
-    cascade.cheap.search = pipe.scorer.search = lambda q: calls.append(len(q)) or search(q)
-    got = cascade.inspect_batch(images)
-    np.testing.assert_allclose([r.score for r in got], full, rtol=1e-9, atol=1e-9)
-    assert all(r.normal is not None for r in got) and cascade.last_escalated == [True] * 4
-    from o2n_edge.data.preprocess import resize_uint8
-
-    h, w = pipe.encode(resize_uint8(images[:1], pipe.image_size))["patch"].shape[1:3]
-    assert sum(calls) == len(images) * h * w  # every query patch searched once (cheap pass only)
-
-
 def test_static_int8_qdq_graphs_are_calibrated_cached_and_run(tiny_bundle, shared_data: Path, tmp_path: Path) -> None:
     """Calibrated QDQ int8 graphs: real QuantizeLinear nodes, reused from the cache, and the runtime scores with them."""
     import onnx
@@ -296,3 +273,14 @@ def test_pool_size_zero_is_shots_only_without_diffusion(shared_data: Path, tmp_p
         shots=2, seed=0, runs_dir=tmp_path / "runs", branches="pool", pool_size=0, progress=False))
     assert not (tmp_path / "runs").exists()
     assert set(summary.manifest["models"]) == {"image_encoder"}
+
+
+def test_lite_export_has_no_diffusion(shared_data: Path, tmp_path: Path) -> None:
+    """lite is the memory-bank detector: a generated pool or the transform is refused in one line."""
+    from o2n_edge.export.build import ExportOptions, export_bundle
+
+    for extra in ({"pool_size": 4}, {"branches": "personalized,pool"}):
+        with pytest.raises(ValueError, match="profile 'lite' has no diffusion model .*--profile tiny or sd15"):
+            export_bundle(ExportOptions(category="hazelnut", out=tmp_path / "b", profile="lite",
+                                        data=shared_data / "hazelnut_toy", progress=False, **extra))
+    assert not (tmp_path / "b").exists()

@@ -17,7 +17,7 @@ def tiled_bundle(shared_data: Path, tmp_path_factory: pytest.TempPathFactory):
 
     lite = profiles.PROFILES["lite"]
     spec = replace(lite.encoder, image_size=96, tiles=2, tile_overlap=0.5, layers=(2, 3))
-    patched = replace(lite, encoder=spec, stats_weight=1.0, jpeg_draft=True, self_tune=())
+    patched = replace(lite, encoder=spec, stats_weight=1.0, jpeg_draft=True)
     mp = pytest.MonkeyPatch()
     mp.setitem(profiles.PROFILES, "lite", patched)
     try:
@@ -62,4 +62,4 @@ def test_inspect_prints_the_settings(tiled_bundle) -> None:
     assert res.exit_code == 0, res.output
     line = json.loads(res.output)["settings"]
     assert "2x2 tiles" in line and "layers [2, 3]" in line and "statistics weight 1.0" in line and "JPEG draft True" in line
-    assert "border rings 0.15" in line and "global cosine weight 0.0" in line and "fixed" in line
+    assert "border rings 0.15" in line and "global cosine weight 0.0" in line

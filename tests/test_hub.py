@@ -57,7 +57,7 @@ def tiny_sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny sd15 checkpoint and an LCM-LoRA in the published (kohya-style) key format."""
     import diffusers
 
-    from o2n_edge.diffusion.models import make_tiny_sd15_checkpoint, write_kohya_lora
+    from sd15_fixtures import make_tiny_sd15_checkpoint, write_kohya_lora
 
     root = tmp_path_factory.mktemp("sources")
     ckpt = make_tiny_sd15_checkpoint(root / "sd15")

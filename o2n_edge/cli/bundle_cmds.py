@@ -14,7 +14,6 @@ from o2n_edge.cli.common import (
     DatasetOpt,
     ImageSizeOpt,
     ProfileOpt,
-    SelfTuneOpt,
     StatsWeightOpt,
     app,
     fail,
@@ -36,7 +35,6 @@ def export_cmd(
     precision: str = typer.Option("fp32", "--precision", help="fp32 or fp16 graphs (fp16 keeps overflow-prone layers in fp32)."),
     pool_size: Optional[int] = typer.Option(None, "--pool-size", help="Generated images added to the memory bank (0 = shots only)."),
     image_size: Optional[int] = ImageSizeOpt,
-    self_tune: bool = SelfTuneOpt,
     stats_weight: Optional[float] = StatsWeightOpt,
     coreset: Optional[float] = typer.Option(None, "--coreset", help="Keep this fraction of the memory bank (greedy k-center; 1 = whole bank); default: the profile's (lite 0.1; others only above 50,000 rows)."),
     quantile: float = typer.Option(0.99, "--threshold-quantile", help="Threshold = this quantile of held-out good images' scores."),
@@ -64,7 +62,7 @@ def export_cmd(
             category=category, out=target, profile=profile, data=data,
             dataset=None if dataset == "auto" else dataset, shots=shots, seed=seed, run_dir=run, runs_dir=runs_dir,
             branches=branches, precision=precision, pool_size=pool_size, coreset_ratio=coreset,
-            image_size=image_size, self_tune=self_tune, stats_weight=stats_weight,
+            image_size=image_size, stats_weight=stats_weight,
             threshold_quantile=quantile, force=force, progress=progress,
             personalize_steps=personalize_steps, distill_steps=distill_steps, base_model=base_model,
             encoder_checkpoint=encoder_checkpoint,
@@ -110,7 +108,7 @@ def build_engines_cmd(
 
 
 def _settings_line(m: dict) -> str | None:
-    """The detection settings a bundle scores with, and how they were chosen (self-tuning or fixed)."""
+    """The detection settings a bundle scores with, in one line for ``inspect``."""
     enc = m.get("encoder")
     if not enc:
         return None
@@ -121,12 +119,6 @@ def _settings_line(m: dict) -> str | None:
             f"border rings {m.get('scoring', {}).get('border_fraction', 0)}, "
             f"global cosine weight {m.get('scoring', {}).get('global_weight', '?')}, "
             f"JPEG draft {m.get('decode', {}).get('jpeg_draft', False)}")
-    tuning = m.get("tuning")
-    if tuning:
-        line += (f"; self-tuned: {tuning['chosen']['name']} (pseudo-validation AUROC "
-                 f"{100 * tuning['pseudo_auroc']:.1f} over {len(tuning['candidates'])} candidates)")
-    else:
-        line += "; fixed (export --self-tune chooses per category)"
     return line
 
 

@@ -65,7 +65,6 @@ def write_json(path: Path, doc: dict) -> None:
 
 DataOpt = typer.Option(None, "--data", envvar="O2N_DATA", help="Data set root directory (default: $O2N_DATA). Not needed for --dataset textile.")
 DatasetOpt = typer.Option("auto", "--dataset", help="Layout: auto (detect), mvtec, visa, folder, or textile (the built-in demo set, needs o2n-edge[demo]).")
-SelfTuneOpt = typer.Option(False, "--self-tune", help="Choose the resolution and statistics-branch weight per category from the shots alone (leave-one-shot-out + synthetic defects); slower, and measured no better than the default (README 'Detection core v3').")
 StatsWeightOpt = typer.Option(None, "--stats-weight", help="Weight of the global statistics branch, which finds whole-image defects (0 = off; default: the profile's, lite 0.5). Lower it where good parts vary in lighting and no whole-image defect is expected.")
 ImageSizeOpt = typer.Option(None, "--image-size", help="Encoder input side in px (default: the profile's; lite 448 sees small defects, 224 is ~9x faster per image; see docs/decisions/lite-detection-core.md).")
 ProfileOpt = typer.Option("lite", "--profile", help="Model profile: tiny (tests), lite (CPU, real scores), sd15 (GPU production).")

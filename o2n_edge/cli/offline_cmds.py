@@ -13,7 +13,6 @@ from o2n_edge.cli.common import (
     DatasetOpt,
     ImageSizeOpt,
     ProfileOpt,
-    SelfTuneOpt,
     StatsWeightOpt,
     app,
     fail,
@@ -38,7 +37,6 @@ def eval_cmd(
     distill_steps: Optional[int] = typer.Option(None, "--distill-steps", help="With --personalize: distillation steps per run (default: the profile's)."),
     split_csv: Optional[Path] = typer.Option(None, "--split-csv", help="VisA official split csv (default: <data>/split_csv/1cls.csv when present)."),
     image_size: Optional[int] = ImageSizeOpt,
-    self_tune: bool = SelfTuneOpt,
     stats_weight: Optional[float] = StatsWeightOpt,
     coreset: Optional[float] = typer.Option(None, "--coreset", help="Score with this fraction of the memory bank, as an exported bundle does (greedy k-center; 1 = whole bank); default: the profile's (lite 0.1)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result document (per run and mean ± std) to this JSON file."),
@@ -56,12 +54,13 @@ def eval_cmd(
             category = "textile"
         if category is None:
             fail("--category is required (e.g. --category hazelnut), except with --dataset textile")
-        prof = with_options(get_profile(profile), self_tune=self_tune, image_size=image_size,
-                            stats_weight=stats_weight)
+        prof = with_options(get_profile(profile), image_size=image_size, stats_weight=stats_weight)
         if coreset is not None and not 0.0 < coreset <= 1.0:
             fail(f"--coreset must be a fraction in (0, 1] (1 = the whole bank), got {coreset}")
         ratio = coreset if coreset is not None else prof.coreset_ratio
         personalized_run = run is not None or personalize
+        if personalized_run:
+            prof.require_diffusion("--run" if run is not None else "--personalize")
         default_branches = (prof.default_branches if personalized_run
                             else tuple(b for b in prof.default_branches if b != "personalized"))
         chosen = parse_branches(branches, prof) if branches else default_branches
@@ -83,12 +82,7 @@ def eval_cmd(
         fail(str(exc))
     print_table([result])
     if result.get("setting"):
-        typer.echo(f"setting: {result['setting']} (fixed; --self-tune chooses per category from the shots)")
-    if result.get("self_tuned"):
-        for r in result["runs"]:
-            t = r["tuning"]
-            typer.echo(f"k={r['shots']} seed={r['seed']}: self-tuned setting {t['chosen']['name']} "
-                       f"(pseudo-validation AUROC {100 * t['pseudo_auroc']:.1f}, shots only)")
+        typer.echo(f"setting: {result['setting']} (fixed)")
     if json_out:
         write_json(json_out, result)
         typer.echo(f"wrote {json_out}")
@@ -108,7 +102,7 @@ def personalize_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed that draws the shots and drives training."),
     images: Optional[list[Path]] = typer.Option(None, "--image", help="Personalize on these image files instead of drawing shots from --data (repeatable)."),
     profile: str = ProfileOpt,
-    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (defaults: tiny 30, lite 2000, sd15 800)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (defaults: tiny 30, sd15 800; lite has no diffusion model)."),
     base_model: Optional[str] = typer.Option(None, "--base-model", envvar="O2N_SD15", help="sd15: SD-1.5 diffusers checkpoint, a local directory or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5 (default: $O2N_SD15)."),
     lora_rank: int = typer.Option(8, "--lora-rank", help="sd15: LoRA rank."),
     prior_preservation: bool = typer.Option(False, "--prior-preservation", help="sd15: DreamBooth prior preservation with generated class images."),
@@ -123,7 +117,8 @@ def personalize_cmd(
         from o2n_edge.profiles import get_profile
 
         prof = get_profile(profile)
-        spec = replace(prof.diffusion, base_model=str(base_model)) if base_model else prof.diffusion
+        spec = prof.require_diffusion("personalize")
+        spec = replace(spec, base_model=str(base_model)) if base_model else spec
         if images:
             paths = list(images)
         else:
@@ -142,7 +137,7 @@ def personalize_cmd(
 @app.command("distill")
 def distill_cmd(
     run: Path = typer.Argument(..., help="A run directory from `o2n-edge personalize`."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Consistency-distillation steps (defaults: tiny 20, lite 500, sd15 1000)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Consistency-distillation steps (defaults: tiny 20, sd15 1000)."),
     inference_steps: Optional[int] = typer.Option(None, "--inference-steps", help="Few-step target (1-8; default: the profile's)."),
     lcm_lora: Optional[str] = typer.Option(None, "--lcm-lora", help="sd15: merge this pretrained LCM-LoRA (local file or hub id, e.g. latent-consistency/lcm-lora-sdv1-5) instead of distilling."),
     lcm_lora_scale: float = typer.Option(1.0, "--lcm-lora-scale", help="sd15: weight of the LCM-LoRA in the merge."),

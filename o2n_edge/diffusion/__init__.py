@@ -14,12 +14,7 @@ The two training entry points share their module's name, so they are imported fr
 
 from __future__ import annotations
 
-from o2n_edge.diffusion.models import (
-    DiffusionModels,
-    build_models,
-    make_tiny_lora,
-    make_tiny_sd15_checkpoint,
-)
+from o2n_edge.diffusion.models import DiffusionModels, build_models
 from o2n_edge.diffusion.pool import generate_pool
 from o2n_edge.diffusion.run_dir import LoadedRun, RunDir, load_run
 from o2n_edge.diffusion.transform import TransformResult, one_to_normal, transform_noise, transform_plan
@@ -32,8 +27,6 @@ __all__ = [
     "build_models",
     "generate_pool",
     "load_run",
-    "make_tiny_lora",
-    "make_tiny_sd15_checkpoint",
     "one_to_normal",
     "transform_noise",
     "transform_plan",

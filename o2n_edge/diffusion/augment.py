@@ -1,4 +1,4 @@
-"""Shot augmentation shared by personalization, distillation and the lite pool.
+"""Shot augmentation shared by personalization and distillation.
 
 Why its own module: every stage that learns from the shots draws from the same augmentation, and
 it must stay within what a fixed line camera plausibly sees (shift, small rotation and rescale,

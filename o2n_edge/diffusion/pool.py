@@ -11,11 +11,10 @@ Two ways to start sampling:
   diverse but each image stays on the category's manifold even when the model is weak.
 
 Default ``init="auto"``: ``noise`` for sd15 (a pretrained model generates faithful samples) and
-``shots`` for tiny/lite, whose models are trained from scratch on 1-8 images: sampled from pure
-noise, 2 of 8 lite hazelnut samples came out as smeared, off-colour blobs (measured, 4 shots),
-which would put false normals into the memory bank; from shots at 0.8 all 8 were plausible nuts.
-lite's denoiser is trained only up to the transform strength, so its pool starts from augmented
-views of the shots (shift, rotation, brightness) noised to that strength: image i is view i.
+``shots`` for tiny, whose model is trained from scratch on 1-8 images: a from-scratch model
+sampled from pure noise gave 2 of 8 hazelnut samples as smeared, off-colour blobs (measured, 4
+shots), which would put false normals into the memory bank; from shots at 0.8 all 8 were
+plausible nuts.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ import numpy as np
 from o2n_edge._lazy import require
 from o2n_edge.diffusion.models import decode_latents, encode_latents, images_to_tensor, tensor_to_images
 from o2n_edge.diffusion.run_dir import LoadedRun, progress_bar
-from o2n_edge.diffusion.transform import keep_low, lcm_denoise, lcm_scheduler, lcm_timesteps
+from o2n_edge.diffusion.transform import lcm_denoise, lcm_scheduler, lcm_timesteps
 
 POOL_INITS = ("auto", "noise", "shots")
 SHOT_INIT_STRENGTH = 0.8
@@ -69,22 +68,11 @@ def generate_pool(
     dev = next(unet.parameters()).device
     sched = lcm_scheduler(run)
     strength = 1.0 if init == "noise" else float(init_strength)
-    lite = run.spec.kind == "lite"
-    if lite:
-        if init == "noise":
-            raise ValueError("the lite denoiser is trained only up to its strength: use init='shots'")
-        strength = float(run.spec.strength)
     ts = lcm_timesteps(sched, steps, strength)
     h = size // run.models.vae_scale
     shape = (run.models.latent_channels, h, h)
     shot_lat = None
-    if init == "shots" and lite:
-        # augmented views (shift, rotation, brightness) of the shots: variety the shots lack
-        from o2n_edge.diffusion.augment import augment
-
-        views = torch.cat([augment(run.shots, 1, seed=seed * 7_919 + 5 + j) for j in range(n)]).to(dev)
-        shot_lat = encode_latents(vae, views, sf).to(dev)
-    elif init == "shots":
+    if init == "shots":
         shot_lat = encode_latents(vae, images_to_tensor(run.shots).to(dev), sf).to(dev)
     out = []
     with progress_bar(n, f"pool ({init})", progress) as advance:
@@ -98,11 +86,9 @@ def generate_pool(
                 # As LatentConsistencyModelPipeline: latents = noise * init_noise_sigma.
                 lat = init_noise * float(sched.init_noise_sigma)
             else:
-                src = shot_lat[ids] if lite else shot_lat[[j % len(shot_lat) for j in ids]]
+                src = shot_lat[[j % len(shot_lat) for j in ids]]
                 lat = sched.add_noise(src, init_noise, torch.tensor([ts[0]], device=dev))
             den = lcm_denoise(unet, lat, ts, run.prompt_embeds, sched, step_noise)
-            if shot_lat is not None:
-                den = keep_low(den, src, run.spec.keep_low_sigma)
             out.append(tensor_to_images(decode_latents(vae, den, sf)))
             advance(len(ids))
     return np.concatenate(out)

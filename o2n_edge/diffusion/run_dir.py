@@ -13,8 +13,7 @@ Layout::
       prompt_embeds.npy    float32 [1, L, D] personalized prompt conditioning (no text encoder
                            needed at run time)
       scheduler/           the training noise schedule (DDPMScheduler config)
-      unet/ vae/           tiny: the trained networks (diffusers save_pretrained); lite: unet/
-                           only (its local denoiser; TAEF2 ships in the package)
+      unet/ vae/           tiny: the trained networks (diffusers save_pretrained)
       lora/                sd15: personalization LoRA, diffusers format
                            (pytorch_lora_weights.safetensors)
       class_latents.pt     sd15 with prior preservation: cached class-prior latents
@@ -357,18 +356,14 @@ def load_run(run_dir: Path | str, load_student: bool = True, device: str | None 
     rd = RunDir(Path(run_dir))
     info = read_json(rd.run_json)
     spec = spec_from_dict(info["spec"])
+    if spec.kind == "lite":  # runs of an earlier version: lite is now the memory-bank detector
+        raise ValueError(f"run {rd.root} was made with profile 'lite', which has no diffusion model any "
+                         f"more (it is the memory-bank detector): personalize again with --profile tiny or sd15")
     prompt_embeds = torch.from_numpy(np.load(rd.prompt_embeds)).float()
     shots = np.load(rd.shots) if rd.shots.is_file() else np.zeros((0, spec.image_size, spec.image_size, 3), np.uint8)
     sched_cfg = dict(diffusers.DDPMScheduler.load_config(rd.scheduler)) if rd.scheduler.is_dir() else {}
     sched_cfg = {k: v for k, v in sched_cfg.items() if not k.startswith("_")}
-    if spec.kind == "lite":
-        from o2n_edge.diffusion.lite import LocalDenoiser, build_lite_models
-
-        models = build_lite_models(spec)  # TAEF2 from the package; the denoiser from the run
-        models.unet = LocalDenoiser.from_pretrained(rd.unet)
-        models.scheduler_config = sched_cfg or models.scheduler_config
-        models.prompt_embeds = prompt_embeds
-    elif spec.kind == "tiny":
+    if spec.kind == "tiny":
         unet = diffusers.UNet2DConditionModel.from_pretrained(rd.unet)
         vae = diffusers.AutoencoderKL.from_pretrained(rd.vae)
         models = DiffusionModels(
@@ -395,12 +390,7 @@ def load_run(run_dir: Path | str, load_student: bool = True, device: str | None 
     student = None
     distill_info: dict[str, Any] = {}
     if load_student and (rd.student_unet / "config.json").is_file():
-        if spec.kind == "lite":
-            from o2n_edge.diffusion.lite import LocalDenoiser
-
-            student = LocalDenoiser.from_pretrained(rd.student_unet)
-        else:
-            student = diffusers.UNet2DConditionModel.from_pretrained(rd.student_unet)
+        student = diffusers.UNet2DConditionModel.from_pretrained(rd.student_unet)
         student.requires_grad_(False).eval().to(dev)
         if rd.distill_json.is_file():
             distill_info = json.loads(rd.distill_json.read_text())
