@@ -1,7 +1,7 @@
 """The LCM scheduler in numpy: the runtime's denoising loop without torch or diffusers.
 
 Why a port: diffusers dropped its numpy schedulers and its LCMScheduler imports torch, but the
-line-side runtime must not (DESIGN.md, Non-negotiables). This file reproduces
+line-side runtime must not import torch. This file reproduces
 ``diffusers.LCMScheduler`` (0.42.1) for what the runtime uses -- timestep selection, forward
 noising and the multistep consistency ``step`` -- configured only from plain data (the bundle
 manifest's ``scheduler`` dict, written by ``o2n_edge.export.scheduler_tables.lcm_tables``). A
@@ -22,8 +22,8 @@ Differences from diffusers, all deliberate:
 
   ``"truncate"``: ``set_timesteps(n)`` then the img2img pipelines' ``get_timesteps`` (what
   ``StableDiffusionImg2ImgPipeline`` + an LCM-LoRA scheduler runs): the n-step schedule loses its
-  first ``n - int(n * s)`` steps, so strength 0.3 with 4 steps runs ``int(1.2) = 1`` step -- the
-  trap DESIGN.md warns about. ``steps_run`` reports it; zero steps is a ValueError.
+  first ``n - int(n * s)`` steps, so strength 0.3 with 4 steps runs ``int(1.2) = 1`` step -- a
+  common img2img trap. ``steps_run`` reports it; zero steps is a ValueError.
 """
 
 from __future__ import annotations

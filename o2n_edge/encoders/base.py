@@ -12,8 +12,8 @@ EfficientNet-Lite0 alike:
 
 Preprocessing is defined once, in numpy + PIL (:func:`preprocess_numpy`), and the torch path
 calls the very same function: a score that changes after export because resizing or
-normalization differed between Python and the runtime is the classic deployment bug
-(DESIGN.md, "Lessons from the field"), and sharing one implementation makes parity exact.
+normalization differed between Python and the runtime is the classic deployment bug,
+and sharing one implementation makes parity exact.
 The runtime replicates :func:`preprocess_numpy` from the constants below (PIL bicubic resize,
 ``/255``, ``(x - mean) / std`` in float32), because this module imports torch.
 """

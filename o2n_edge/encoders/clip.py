@@ -64,7 +64,7 @@ def mha_fastpath_disabled() -> Iterator[None]:
     """Turn off nn.MultiheadAttention's fused fast path (``_native_multi_head_attention``).
 
     In eval mode without grad, PyTorch routes attention through a fused kernel that the ONNX
-    exporter cannot translate (DESIGN.md export traps); tracing must see the plain ops. The
+    exporter cannot translate (a known open_clip export trap); tracing must see the plain ops. The
     encoder's own export hook and the generic exporter (``export.onnx_export``) both use this.
     """
     mha = getattr(torch.backends, "mha", None)

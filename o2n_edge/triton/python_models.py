@@ -33,7 +33,7 @@ from o2n_edge.runtime.worker import Payload, inspect_payloads
 
 log = logging.getLogger("o2n_edge.triton")
 
-# Tensor names of the inspect models (the contract with clients; README "Scale out").
+# Tensor names of the inspect models (the contract with clients; docs/triton.md).
 IMAGE_BYTES = "IMAGE"  # TYPE_STRING: encoded image file (PNG, JPEG, ...)
 IMAGE_RAW = "IMAGE_RAW"  # TYPE_UINT8 (H, W, 3) RGB
 OUT_SCORE = "SCORE"
