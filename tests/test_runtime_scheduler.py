@@ -150,7 +150,7 @@ def test_add_noise_per_sample_timesteps() -> None:
 
 
 def test_strength_trap_is_reported() -> None:
-    """img2img truncation: strength 0.3 with 4 steps runs int(4 * 0.3) = 1 step under img2img truncation."""
+    """Strength 0.3 with 4 steps runs int(4 * 0.3) = 1 step under img2img truncation."""
     sched = NumpyLCMScheduler.from_config(lcm_tables(LCMScheduler(**CONFIGS["sd15"])))
     sched.set_timesteps(4, strength=0.3, strength_mode="truncate")
     assert sched.steps_run == 1 and sched.timesteps.tolist() == [259]
