@@ -106,7 +106,7 @@ def case_inputs(arrays: dict[str, np.ndarray], case: str) -> dict:
 def case_config(case: str):
     """The case's scoring config: the profile's defaults, a small image, the case's overrides."""
     from o2n_edge.profiles import get_profile
-    from o2n_edge.scoring import ScoringConfig
+    from o2n_edge.runtime.scoring import ScoringConfig
 
     profile, branches, size, _, overrides = CASES[case]
     return replace(ScoringConfig.from_profile(get_profile(profile), branches), image_size=size, **overrides)
@@ -114,7 +114,8 @@ def case_config(case: str):
 
 def compute(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Every expected output, under ``<case>/...`` keys (plus ``augment_views``)."""
-    from o2n_edge.scoring import augment_views, build_reference, score, scoring_manifest
+    from o2n_edge.reference import augment_views, build_reference
+    from o2n_edge.runtime.scoring import score, scoring_manifest
 
     out: dict[str, np.ndarray] = {}
     for case in CASES:
