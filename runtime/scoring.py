@@ -359,7 +359,7 @@ class Scorer:
         for b in c.branches:
             center, scale = ref.norm_of(b)
             if b in ref.ring_norm:  # per border ring (ScoringConfig.border_fraction)
-                center, scale = ring_constants(tuple(ref.ring_norm[b]), *maps[b].shape[-2:])
+                center, scale = ring_constants(tuple(map(tuple, ref.ring_norm[b])), *maps[b].shape[-2:])
             gc, gs = ref.norm_of(f"global_{b}")
             w = c.weights[b] / total
             fused_map = fused_map + w * (maps[b] - center) / scale
