@@ -3,9 +3,9 @@
 Stages, each resumable: the personalized run is cached in ``runs_dir`` (personalize resumes from
 its checkpoints), every ONNX graph is exported into a work directory with an input-hash sidecar
 and skipped when current, and the bundle is written atomically at the end. After writing, the
-bundle is loaded by the torch-free runtime and its scores are compared with the torch reference
-on held-out good images (the parity check), so a bundle that scores differently never ships
-silently.
+bundle is loaded by the torch-free runtime and its scores (ONNX encoder, the bundle's constants)
+are compared with the export's own (torch encoder, the same numpy scoring) on held-out good
+images (the parity check), so a bundle that scores differently never ships silently.
 """
 
 from __future__ import annotations
@@ -92,7 +92,8 @@ def export_bundle(opts: ExportOptions) -> ExportSummary:
     from o2n_edge.encoders import build_encoder, encode_images
     from o2n_edge.evaluation import text_features_for
     from o2n_edge.export.bundle_writer import BundleWriter
-    from o2n_edge.scoring import ScoringConfig, augment_views, build_reference, score, scoring_manifest
+    from o2n_edge.reference import augment_views, build_reference
+    from o2n_edge.runtime.scoring import ScoringConfig, score, scoring_manifest
 
     walls: dict[str, float] = {}
     t_all = time.perf_counter()
@@ -204,7 +205,7 @@ def export_bundle(opts: ExportOptions) -> ExportSummary:
                         "method": "greedy k-center (PatchCore), random projection to 128 dims"}
     walls["reference"] = round(time.perf_counter() - t, 2)
 
-    # -- threshold on held-out good images (torch reference) ---------------------------------
+    # -- threshold on held-out good images (torch encoder, the runtime's scoring) -------------
     t = time.perf_counter()
     _say(opts.progress, f"calibrating the threshold on {len(calib_paths)} held-out good images")
     calib_imgs = [load_image(p, size, draft) for p in calib_paths]
@@ -280,7 +281,7 @@ def export_bundle(opts: ExportOptions) -> ExportSummary:
         final = w.write_manifest(manifest)
     walls["bundle"] = round(time.perf_counter() - t, 2)
 
-    # -- parity: the torch-free runtime vs the torch reference ---------------------------------
+    # -- parity: the torch-free runtime vs the export's own scores ------------------------------
     t = time.perf_counter()
     parity = check_parity(out, calib_imgs[:PARITY_IMAGES], calib_scores[:PARITY_IMAGES])
     walls["parity"] = round(time.perf_counter() - t, 2)
@@ -335,7 +336,11 @@ def _export_graphs(encoder, run, branches, precision: str, work: Path, shot_imgs
 
 
 def check_parity(bundle: Path, images: list[np.ndarray], reference_scores: np.ndarray) -> dict[str, float]:
-    """Score ``images`` with the torch-free runtime; max |runtime - reference| over them."""
+    """Score ``images`` with the torch-free runtime; max |runtime - export| over them.
+
+    Both score with the same numpy code, so a difference comes from the ONNX encoder graphs or
+    from a constant that did not reach the bundle.
+    """
     from o2n_edge.runtime.pipeline import OrtPipeline
 
     pipe = OrtPipeline(bundle)

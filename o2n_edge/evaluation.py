@@ -18,7 +18,8 @@ from o2n_edge.data.preprocess import resize_uint8
 from o2n_edge.metrics import compute_metrics, mean_std
 from o2n_edge.profiles import Profile
 from o2n_edge.progress import progress_iter
-from o2n_edge.scoring import ScoringConfig, augment_views, build_reference, score
+from o2n_edge.reference import augment_views, build_reference
+from o2n_edge.runtime.scoring import Scorer, ScoringConfig
 
 METRIC_KEYS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_pro")
 SCORE_BATCH = 16
@@ -136,6 +137,7 @@ def evaluate(
                 reference.memory_bank = reference.memory_bank[greedy_coreset(reference.memory_bank, coreset, seed=seed)]
             test_feats = source.test()
             images = source.images
+            scorer = Scorer(config, reference)
             scores, maps = [], []
             for start in progress_iter(range(0, len(samples), SCORE_BATCH), f"score k={k} seed={seed}", progress):
                 idx = slice(start, start + SCORE_BATCH)
@@ -144,7 +146,7 @@ def evaluate(
                 if "personalized" in config.branches:
                     normals = normal_of(np.stack(images[idx]))
                     normal_feats = source.encode(resize_uint8(normals, size))
-                res = score(batch, reference, config, normal_feats)
+                res = scorer.score(batch, normal_feats)
                 scores.append(res.scores)
                 if source.masks is not None:
                     maps.append(res.maps)

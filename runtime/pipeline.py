@@ -29,7 +29,7 @@ from o2n_edge.data.tiling import TileLayout, split_tiles, stitch_outputs
 from o2n_edge.runtime.bank_search import NearestSearch, NumpyBankSearch, OrtBankSearch
 from o2n_edge.runtime.bundle import Bundle, load_bundle
 from o2n_edge.runtime.scheduler import NumpyLCMScheduler
-from o2n_edge.runtime.scoring import Scorer, ScoringParams
+from o2n_edge.runtime.scoring import Reference, Scorer, ScoringConfig
 from o2n_edge.runtime.types import InspectResult
 
 log = logging.getLogger("o2n_edge.runtime")
@@ -119,7 +119,7 @@ class OrtPipeline:
         m = self.bundle.manifest
         self.manifest = m
         self.bundle_hash = str(m["manifest_sha256"])
-        self.params = ScoringParams.from_manifest(m["scoring"])
+        self.params = ScoringConfig.from_manifest(m["scoring"])
         self.image_size = int(m["image_size"])
         self.threshold = float(m["threshold"]["value"])
         enc = m["encoder"]
@@ -151,18 +151,18 @@ class OrtPipeline:
             self.noises = list(self.bundle.array("transform_noise").astype(np.float32))
             assert len(self.noises) == len(self.timesteps), "transform_noise.npy does not match the steps"
             self.timestep_dtype = np.int64 if m["models"]["unet"]["inputs"]["timestep"]["dtype"] == "int64" else np.float32
-        text = self.bundle.array("text_features") if "text" in self.params.branches else None
         pool = "pool" in self.params.branches
-        bank = self.bundle.array("memory_bank") if pool else None
-        self.scorer = Scorer(
-            self.params,
-            bank,
-            self.bundle.array("global_bank") if pool else None,
-            text,
-            search=self._bank_search(bank) if bank is not None else None,
-            stats_bank=self.bundle.array("stats_bank") if self.params.stats_weight > 0 else None,
-            stats_scale=self.bundle.array("stats_scale") if self.params.stats_weight > 0 else None,
+        stats = self.params.stats_weight > 0
+        reference = Reference.from_manifest(
+            m["scoring"],
+            memory_bank=self.bundle.array("memory_bank") if pool else None,
+            global_bank=self.bundle.array("global_bank") if pool else None,
+            text_features=self.bundle.array("text_features") if "text" in self.params.branches else None,
+            stats_bank=self.bundle.array("stats_bank") if stats else None,
+            stats_scale=self.bundle.array("stats_scale") if stats else None,
         )
+        bank = reference.memory_bank
+        self.scorer = Scorer(self.params, reference, search=self._bank_search(bank) if bank is not None else None)
 
     def _bank_search(self, bank: np.ndarray) -> NearestSearch:
         """The memory-bank search on this pipeline's provider (TensorRT backends: its CUDA EP)."""

@@ -1,12 +1,28 @@
-"""Triplet scoring in numpy: the runtime's port of ``o2n_edge.scoring`` (the torch reference).
+"""Triplet contrastive scoring in numpy: the one implementation eval, export and the runtime share.
 
-The maths is the reference's, step for step; a parity test holds the two together. Two things
-differ only in how they are computed, for speed on a line-side CPU:
+Three branches each give a patch-level map and a global score:
+
+- ``pool``: query patches vs a memory bank of the shots' patch features (plus, after
+  personalization, those of generated anomaly-free images); nearest-neighbour L2 distance.
+- ``personalized``: query patches vs the patches of the query's own normal version, tolerant to
+  small misalignment (min over a (2r+1)^2 neighbourhood).
+- ``text``: WinCLIP-style: softmax over the similarities to the normal / anomalous prompt
+  ensembles, only when the encoder has a text tower.
+
+Each map and global score is standardized with constants measured on good images (the shots,
+``o2n_edge.reference``), so the fusion weights mean the same thing for every category; the pool
+map can be standardized ring by ring from the grid's edge (``border_fraction``), because border
+patches of good images sit farther from the bank than inner ones. The fused map is upsampled to
+the image size and smoothed; the image score is its top-k mean plus the weighted fused global
+score (plus the global feature-statistics term when ``stats_weight`` > 0). Every constant is in
+:class:`ScoringConfig` and :class:`Reference`, which the export writes into the bundle: offline
+evaluation and the line-side device score with the same code, so nothing can drift apart.
+
+Two choices are about speed on a line-side CPU, not maths:
 
 - the nearest-neighbour search finds the neighbour with one float32 matrix product (numpy, or
   the pipeline's ONNX Runtime session: ``runtime.bank_search``) and then recomputes that
-  neighbour's distance exactly in float64, so scores match the reference's float64 ``cdist``
-  whichever search ran;
+  neighbour's distance exactly in float64, so the score does not depend on which search ran;
 - upsampling (bilinear, align_corners=False) and gaussian smoothing (reflect padding) are both
   linear and separable, so they are folded into one (S, h) matrix ``A`` and applied as
   ``A @ map @ A.T``.
@@ -18,35 +34,65 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from o2n_edge.runtime.bank_search import NearestSearch, NumpyBankSearch
 
+if TYPE_CHECKING:
+    from o2n_edge.profiles import Profile
+
 KNN_CHUNK = 1024  # query rows per GEMM chunk: bounds the (chunk x bank) distance matrix
-TEXT_LOGIT_SCALE = 100.0
+TEXT_LOGIT_SCALE = 100.0  # CLIP's logit scale, as WinCLIP uses it
 BRANCHES = ("personalized", "pool", "text")
+DEFAULT_NORM = (0.0, 1.0)
+
+RingNorm = tuple[tuple[float, float], ...]  # (center, scale) per border ring, the interior last
 
 
 @dataclass(frozen=True)
-class ScoringParams:
-    """The scoring constants of a bundle (manifest ``scoring`` section)."""
+class ScoringConfig:
+    """How maps are fused into an image score; all of it is written into the bundle's manifest."""
 
     branches: tuple[str, ...]
     weights: dict[str, float]
     image_size: int
-    topk_fraction: float
-    global_weight: float
-    smoothing_sigma: float
-    neighborhood: int
-    norm: dict[str, tuple[float, float]] = field(default_factory=dict)
-    stats_weight: float = 0.0  # global statistics branch; 0 = off (bundles before it)
-    # branch -> [(center, scale)] per border ring of the grid, the interior last (none = scalar norm)
-    ring_norm: dict[str, tuple[tuple[float, float], ...]] = field(default_factory=dict)
+    topk_fraction: float = 0.01
+    global_weight: float = 0.5
+    smoothing_sigma: float = 4.0
+    neighborhood: int = 1  # personalized branch: tolerance radius in patches
+    # Global statistics branch (whole-image defects): weight of the standardized distance of the
+    # query's patch-feature statistics (per-channel mean and std) to the shots'; 0 = off.
+    stats_weight: float = 0.0
+    # Pool map standardized per ring of grid cells counted from the edge: the outer
+    # round(border_fraction * grid side) rings each get their own (center, scale), the interior
+    # shares one; 0 = one constant for the whole map.
+    border_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        assert self.branches, "at least one branch is needed"
+        for b in self.branches:
+            assert b in BRANCHES, f"unknown branch {b}"
+            assert self.weights.get(b, 0.0) > 0, f"branch {b} needs a positive weight"
 
     @classmethod
-    def from_manifest(cls, scoring: dict) -> "ScoringParams":
-        """Build from the manifest's ``scoring`` dict; unknown branches are a bundle error upstream."""
+    def from_profile(cls, profile: "Profile", branches: tuple[str, ...]) -> "ScoringConfig":
+        """The profile's defaults restricted to the chosen branches."""
+        return cls(
+            branches=tuple(branches),
+            weights={b: profile.weights[b] for b in branches},
+            image_size=profile.encoder.input_size,
+            topk_fraction=profile.topk_fraction,
+            global_weight=profile.global_weight,
+            smoothing_sigma=profile.smoothing_sigma,
+            stats_weight=profile.stats_weight,
+            border_fraction=profile.border_fraction,
+        )
+
+    @classmethod
+    def from_manifest(cls, scoring: dict[str, Any]) -> "ScoringConfig":
+        """From the manifest's ``scoring`` section; bundles older than a field get its off value."""
         return cls(
             branches=tuple(scoring["branches"]),
             weights={k: float(v) for k, v in scoring["weights"].items()},
@@ -55,18 +101,68 @@ class ScoringParams:
             global_weight=float(scoring["global_weight"]),
             smoothing_sigma=float(scoring["smoothing_sigma"]),
             neighborhood=int(scoring["neighborhood"]),
-            norm={k: (float(v[0]), float(v[1])) for k, v in scoring.get("norm", {}).items()},
             stats_weight=float(scoring.get("stats_weight", 0.0)),
+            border_fraction=float(scoring.get("border_fraction", 0.0)),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for the bundle manifest."""
+        return {
+            "branches": list(self.branches),
+            "weights": dict(self.weights),
+            "image_size": self.image_size,
+            "topk_fraction": self.topk_fraction,
+            "global_weight": self.global_weight,
+            "smoothing_sigma": self.smoothing_sigma,
+            "neighborhood": self.neighborhood,
+            "stats_weight": self.stats_weight,
+            "border_fraction": self.border_fraction,
+        }
+
+
+@dataclass
+class Reference:
+    """What the good images contribute: memory banks, text features, standardization constants."""
+
+    memory_bank: np.ndarray | None  # (M, D) patch features of shots (+ pool)
+    global_bank: np.ndarray | None  # (S, G) global features of shots (+ pool)
+    text_features: np.ndarray | None = None  # (2, G): normal, anomalous; L2-normalized
+    norm: dict[str, tuple[float, float]] = field(default_factory=dict)  # key -> (center, scale)
+    stats_bank: np.ndarray | None = None  # (S, 2D) patch-feature statistics of the shots' views
+    stats_scale: np.ndarray | None = None  # (2D,) per-dimension scale of those statistics
+    # branch -> (center, scale) per border ring (ScoringConfig.border_fraction), the interior last
+    ring_norm: dict[str, RingNorm] = field(default_factory=dict)
+
+    def norm_of(self, key: str) -> tuple[float, float]:
+        return self.norm.get(key, DEFAULT_NORM)
+
+    @classmethod
+    def from_manifest(cls, scoring: dict[str, Any], memory_bank: np.ndarray | None = None,
+                      global_bank: np.ndarray | None = None, text_features: np.ndarray | None = None,
+                      stats_bank: np.ndarray | None = None, stats_scale: np.ndarray | None = None) -> "Reference":
+        """A bundle's reference: its arrays plus the constants of the manifest's ``scoring`` section."""
+        return cls(
+            memory_bank=memory_bank, global_bank=global_bank, text_features=text_features,
+            norm={k: (float(v[0]), float(v[1])) for k, v in scoring.get("norm", {}).items()},
+            stats_bank=stats_bank, stats_scale=stats_scale,
             ring_norm={k: tuple((float(c), float(sc)) for c, sc in v) for k, v in scoring.get("ring_norm", {}).items()},
         )
 
 
+def scoring_manifest(config: ScoringConfig, reference: Reference) -> dict[str, Any]:
+    """The manifest's ``scoring`` section: the config and every standardization constant."""
+    return {**config.to_dict(), "norm": {k: list(v) for k, v in reference.norm.items()},
+            "ring_norm": {k: [list(cs) for cs in v] for k, v in reference.ring_norm.items()}}
+
+
 @dataclass
-class RuntimeScores:
+class ScoreResult:
+    """Scores of a batch: image scores, fused maps at image size, and each branch's raw outputs."""
+
     scores: np.ndarray  # (B,) float64
-    maps: np.ndarray  # (B, S, S) float32
-    branch_maps: dict[str, np.ndarray]
-    global_scores: dict[str, np.ndarray]
+    maps: np.ndarray  # (B, S, S) float32: fused, standardized, upsampled and smoothed
+    branch_maps: dict[str, np.ndarray]  # branch -> (B, h, w) raw, before standardization
+    global_scores: dict[str, np.ndarray]  # branch -> (B,) raw
     stats: np.ndarray | None = None  # (B,) raw global-statistics distance (when on)
 
 
@@ -117,7 +213,13 @@ def text_probability(features: np.ndarray, text_features: np.ndarray) -> np.ndar
 
 
 def cosine_distance_to_bank(g: np.ndarray, bank: np.ndarray) -> np.ndarray:
+    """(B,G) x (S,G) -> (B,): 1 - the best cosine similarity."""
     return 1.0 - (_normalize(g) @ _normalize(bank).T).max(axis=1)
+
+
+def cosine_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(B,G) x (B,G) -> (B,): 1 - cosine similarity, row by row."""
+    return 1.0 - np.einsum("bg,bg->b", _normalize(a), _normalize(b))
 
 
 def feature_stats(patch: np.ndarray) -> np.ndarray:
@@ -209,95 +311,83 @@ def topk_mean(maps: np.ndarray, fraction: float) -> np.ndarray:
 
 
 class Scorer:
-    """Scores encoded queries against a bundle's reference; precomputes what it can once."""
+    """Scores encoded queries against one reference; builds the bank search once, not per batch."""
 
-    def __init__(
-        self,
-        params: ScoringParams,
-        memory_bank: np.ndarray | None,
-        global_bank: np.ndarray | None,
-        text_features: np.ndarray | None = None,
-        search: NearestSearch | None = None,
-        stats_bank: np.ndarray | None = None,
-        stats_scale: np.ndarray | None = None,
-    ) -> None:
+    def __init__(self, config: ScoringConfig, reference: Reference, search: NearestSearch | None = None) -> None:
         """``search``: the bank search to use (e.g. ``OrtBankSearch``); numpy's when None."""
-        self.params = params
-        self.stats_bank, self.stats_scale = stats_bank, stats_scale
-        if params.stats_weight > 0:
-            assert stats_bank is not None and stats_scale is not None, "the statistics branch needs its bank"
-        self.memory_bank = memory_bank
-        self.global_bank = global_bank
-        self.text_features = text_features
+        self.config = config
+        self.reference = reference
+        if config.stats_weight > 0:
+            assert reference.stats_bank is not None and reference.stats_scale is not None, \
+                "the global statistics branch needs the shots' statistics (build_reference with stats)"
         self.search: NearestSearch | None = None
-        if "pool" in params.branches:
-            assert memory_bank is not None and global_bank is not None, "pool branch needs the memory bank"
-            self.search = search or NumpyBankSearch(memory_bank)
-        if "text" in params.branches:
-            assert text_features is not None, "text branch needs text features"
+        if "pool" in config.branches:
+            assert reference.memory_bank is not None and reference.global_bank is not None, \
+                "pool branch needs the memory bank"
+            self.search = search or NumpyBankSearch(reference.memory_bank)
+        if "text" in config.branches:
+            assert reference.text_features is not None, "text branch needs text features"
 
     def branch_outputs(
-        self,
-        feats: dict[str, np.ndarray],
-        normal_feats: dict[str, np.ndarray] | None = None,
-        known: RuntimeScores | None = None,
+        self, feats: dict[str, np.ndarray], normal_feats: dict[str, np.ndarray] | None = None,
     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """Per-branch maps and global scores; branches already in ``known`` are taken from it.
-
-        ``known``: scores of the same images from a scorer of a subset of the branches (the
-        cascade's cheap pass), so a branch is never computed twice for one image.
-        """
-        p = self.params
+        """Raw (unstandardized) grid maps and global scores of every active branch."""
+        c, ref = self.config, self.reference
         maps: dict[str, np.ndarray] = {}
         globals_: dict[str, np.ndarray] = {}
-        if known is not None:
-            for b in p.branches:
-                if b in known.branch_maps:
-                    maps[b], globals_[b] = known.branch_maps[b], known.global_scores[b]
-        if "pool" in p.branches and "pool" not in maps:
-            maps["pool"] = pool_map(feats["patch"], self.memory_bank, self.search)
-            globals_["pool"] = cosine_distance_to_bank(feats["global"], self.global_bank)
-        if "personalized" in p.branches and "personalized" not in maps:
+        if "pool" in c.branches:
+            maps["pool"] = pool_map(feats["patch"], ref.memory_bank, self.search)
+            globals_["pool"] = cosine_distance_to_bank(feats["global"], ref.global_bank)
+        if "personalized" in c.branches:
             if normal_feats is None:
                 raise ValueError("the personalized branch needs the normal versions' features")
-            maps["personalized"] = personalized_map(feats["patch"], normal_feats["patch"], p.neighborhood)
-            cos = np.einsum("bg,bg->b", _normalize(feats["global"]), _normalize(normal_feats["global"]))
-            globals_["personalized"] = 1.0 - cos
-        if "text" in p.branches and "text" not in maps:
-            maps["text"] = text_probability(feats["patch_text"], self.text_features)
-            globals_["text"] = text_probability(feats["global"], self.text_features)
+            maps["personalized"] = personalized_map(feats["patch"], normal_feats["patch"], c.neighborhood)
+            globals_["personalized"] = cosine_distance(feats["global"], normal_feats["global"])
+        if "text" in c.branches:
+            if "patch_text" not in feats:
+                raise ValueError("the text branch needs an encoder with a text tower")
+            maps["text"] = text_probability(feats["patch_text"], ref.text_features)
+            globals_["text"] = text_probability(feats["global"], ref.text_features)
         return maps, globals_
 
     def fuse(self, maps: dict[str, np.ndarray], globals_: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        p = self.params
-        total = sum(p.weights[b] for b in p.branches)
+        """Standardize and weight-average the branches: (B,h,w) fused grid map and (B,) fused global."""
+        c, ref = self.config, self.reference
+        total = sum(c.weights[b] for b in c.branches)
         fused_map: np.ndarray | float = 0.0
         fused_global: np.ndarray | float = 0.0
-        for b in p.branches:
-            c, s = p.norm.get(b, (0.0, 1.0))
-            if b in p.ring_norm:  # per border ring (scoring.py, border_fraction)
-                c, s = ring_constants(p.ring_norm[b], *maps[b].shape[-2:])
-            gc, gs = p.norm.get(f"global_{b}", (0.0, 1.0))
-            w = p.weights[b] / total
-            fused_map = fused_map + w * (maps[b] - c) / s
+        for b in c.branches:
+            center, scale = ref.norm_of(b)
+            if b in ref.ring_norm:  # per border ring (ScoringConfig.border_fraction)
+                center, scale = ring_constants(tuple(map(tuple, ref.ring_norm[b])), *maps[b].shape[-2:])
+            gc, gs = ref.norm_of(f"global_{b}")
+            w = c.weights[b] / total
+            fused_map = fused_map + w * (maps[b] - center) / scale
             fused_global = fused_global + w * (globals_[b] - gc) / gs
         return np.asarray(fused_map), np.asarray(fused_global)
 
-    def score(
-        self,
-        feats: dict[str, np.ndarray],
-        normal_feats: dict[str, np.ndarray] | None = None,
-        known: RuntimeScores | None = None,
-    ) -> RuntimeScores:
-        """Fused image scores and maps (``known``: see :meth:`branch_outputs`)."""
-        maps, globals_ = self.branch_outputs(feats, normal_feats, known)
+    def stats(self, feats: dict[str, np.ndarray]) -> np.ndarray:
+        """(B,) raw distance of the queries' feature statistics to the shots' (the global branch)."""
+        ref = self.reference
+        return stats_distance(feature_stats(feats["patch"]), ref.stats_bank, ref.stats_scale)
+
+    def score(self, feats: dict[str, np.ndarray], normal_feats: dict[str, np.ndarray] | None = None) -> ScoreResult:
+        """Fused image scores and maps of a batch of encoded queries."""
+        c = self.config
+        maps, globals_ = self.branch_outputs(feats, normal_feats)
         fused_map, fused_global = self.fuse(maps, globals_)
-        full = upsample_and_smooth(fused_map, self.params.image_size, self.params.smoothing_sigma)
-        scores = topk_mean(full, self.params.topk_fraction) + self.params.global_weight * fused_global
+        full = upsample_and_smooth(fused_map, c.image_size, c.smoothing_sigma)
+        scores = topk_mean(full, c.topk_fraction) + c.global_weight * fused_global
         stats = None
-        if self.params.stats_weight > 0:
-            stats = stats_distance(feature_stats(feats["patch"]), self.stats_bank, self.stats_scale)
-            c, s = self.params.norm.get("global_stats", (0.0, 1.0))
-            scores = scores + self.params.stats_weight * (stats - c) / s
-        return RuntimeScores(scores=scores, maps=full.astype(np.float32), branch_maps=maps, global_scores=globals_,
-                             stats=stats)
+        if c.stats_weight > 0:
+            stats = self.stats(feats)
+            center, scale = self.reference.norm_of("global_stats")
+            scores = scores + c.stats_weight * (stats - center) / scale
+        return ScoreResult(scores=np.asarray(scores, dtype=np.float64), maps=full.astype(np.float32),
+                           branch_maps=maps, global_scores=globals_, stats=stats)
+
+
+def score(feats: dict[str, np.ndarray], reference: Reference, config: ScoringConfig,
+          normal_feats: dict[str, np.ndarray] | None = None) -> ScoreResult:
+    """Score one batch (a :class:`Scorer` for one call; build one to score many batches)."""
+    return Scorer(config, reference).score(feats, normal_feats)

@@ -43,16 +43,16 @@ def test_search_finds_the_brute_force_nearest_row(n: int, m: int, d: int, search
 
 
 def test_both_searches_give_the_same_scores() -> None:
-    from o2n_edge.runtime.scoring import Scorer, ScoringParams
+    from o2n_edge.runtime.scoring import Reference, Scorer, ScoringConfig
 
     rng = np.random.default_rng(3)
     bank = rng.normal(size=(400, 16)).astype(np.float32)
-    params = ScoringParams(branches=("pool",), weights={"pool": 1.0}, image_size=28, topk_fraction=0.02,
+    config = ScoringConfig(branches=("pool",), weights={"pool": 1.0}, image_size=28, topk_fraction=0.02,
                            global_weight=0.5, smoothing_sigma=1.0, neighborhood=1)
     feats = {"patch": rng.normal(size=(3, 7, 7, 16)).astype(np.float32),
              "global": rng.normal(size=(3, 8)).astype(np.float32)}
-    global_bank = rng.normal(size=(5, 8)).astype(np.float32)
-    a = Scorer(params, bank, global_bank).score(feats)
-    b = Scorer(params, bank, global_bank, search=OrtBankSearch(bank, _cpu_session)).score(feats)
+    ref = Reference(memory_bank=bank, global_bank=rng.normal(size=(5, 8)).astype(np.float32))
+    a = Scorer(config, ref).score(feats)
+    b = Scorer(config, ref, search=OrtBankSearch(bank, _cpu_session)).score(feats)
     np.testing.assert_allclose(a.scores, b.scores, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(a.maps, b.maps, rtol=1e-6, atol=1e-6)

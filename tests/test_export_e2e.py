@@ -88,16 +88,14 @@ def test_runtime_matches_torch_reference_on_the_test_set(tiny_bundle, shared_dat
     from o2n_edge.profiles import get_profile
     from o2n_edge.runtime.bundle import load_bundle
     from o2n_edge.runtime.pipeline import OrtPipeline
-    from o2n_edge.scoring import Reference, ScoringConfig, score
+    from o2n_edge.runtime.scoring import Reference, ScoringConfig, score
 
     bundle = load_bundle(tiny_bundle.bundle)
     m = bundle.manifest
     s = m["scoring"]
-    config = ScoringConfig(branches=tuple(s["branches"]), weights=s["weights"], image_size=s["image_size"],
-                           topk_fraction=s["topk_fraction"], global_weight=s["global_weight"],
-                           smoothing_sigma=s["smoothing_sigma"], neighborhood=s["neighborhood"])
-    ref = Reference(bundle.array("memory_bank"), bundle.array("global_bank"), bundle.array("text_features"),
-                    {k: tuple(v) for k, v in s["norm"].items()})
+    config = ScoringConfig.from_manifest(s)
+    ref = Reference.from_manifest(s, bundle.array("memory_bank"), bundle.array("global_bank"),
+                                  bundle.array("text_features"))
     ds = load_dataset(shared_data / "hazelnut_toy", "mvtec", "hazelnut")
     size = m["image_size"]
     images = np.stack([load_image(x.path, size) for x in ds.test])
