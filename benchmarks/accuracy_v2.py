@@ -25,7 +25,7 @@ import numpy as np
 from o2n_edge import __version__
 from o2n_edge.data import load_dataset
 from o2n_edge.evaluation import METRIC_KEYS, evaluate
-from o2n_edge.metrics import mean_std
+from o2n_edge.detection_metrics import mean_std
 from o2n_edge.profiles import get_profile
 
 ROOT = Path(__file__).resolve().parents[1]

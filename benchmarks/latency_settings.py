@@ -57,7 +57,7 @@ def main() -> None:
     ap.add_argument("--bundles", type=Path, default=ROOT / "bundles" / "latency_settings")
     ap.add_argument("--name", default="latency_lite_v2")
     args = ap.parse_args()
-    from o2n_edge.bench.env import machine_stamp, set_threads
+    from benchmarks.common import machine_stamp, set_threads
     from o2n_edge.bench.latency import (
         jpeg_bytes,
         make_runner,

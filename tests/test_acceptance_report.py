@@ -116,7 +116,7 @@ def test_report_page_is_self_contained(report_dir: Path) -> None:
 def test_report_replaces_a_previous_report_but_never_other_directories(
     tiny_bundle: Path, shared_data: Path, tmp_path: Path
 ) -> None:
-    from o2n_edge.acceptance.build import write_atomically
+    from o2n_edge.acceptance.report_builder import write_atomically
 
     out = tmp_path / "rep"
     write_atomically(out, {"report.json": b"{}", "report.html": b"old"})
@@ -174,7 +174,7 @@ def test_wrong_category_is_refused(tiny_bundle: Path, shared_data: Path, tmp_pat
 
 def test_report_page_renders_in_headless_chromium(report_dir: Path, tmp_path: Path) -> None:
     """Every embedded image decodes in a real browser, and a full-page screenshot is taken."""
-    from o2n_edge.bench.screenshot import BrowserUnavailable, screenshot_page
+    from benchmarks.common import BrowserUnavailable, screenshot_page
 
     png = tmp_path / "shot.png"
     try:

@@ -11,10 +11,15 @@ inspection at a time, so at N clients latency is mostly queueing and requests/s 
 compare: the server's queue is first come, first served (mean latency ~N x one inspection),
 while the in-process clients share a Python lock, which is not fair (a low p50, a high mean).
 Loopback only; every phase is bounded by a request count and a time limit.
+
+Usage: python -m benchmarks.server_load --bundle bundles/hazelnut-lite --data ../shared/data/hazelnut_toy \
+    --category hazelnut
+Sends the category's real test JPEGs. Writes benchmarks/results/server_lite.{json,md}.
 """
 
 from __future__ import annotations
 
+import argparse
 import socket
 import tempfile
 import threading
@@ -24,7 +29,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from o2n_edge.bench.env import percentiles, run_clients
+from benchmarks.common import RESULTS, machine_stamp, percentiles, run_clients, set_threads, stamp_lines, write_result
 
 LOOPBACK = "127.0.0.1"
 REQUESTS_PER_CLIENT = 40
@@ -102,13 +107,12 @@ def bench_server(bundle: Path, threads: int, jpegs: list[bytes], clients: tuple[
     """Requests/s and latency of `serve` vs in-process at each client count."""
     import httpx
 
-    from o2n_edge.bench.latency import ort_session_options
     from o2n_edge.data.images import decode_image
-    from o2n_edge.runtime.pipeline import OrtPipeline
+    from o2n_edge.runtime.pipeline import OrtPipeline, SessionOptions
     from o2n_edge.runtime.results_log import ResultsLog
     from o2n_edge.runtime.server import WORKERS, create_app
 
-    pipe = OrtPipeline(bundle, ort_session_options(threads))
+    pipe = OrtPipeline(bundle, SessionOptions(intra_op_threads=int(threads), inter_op_threads=1))
     lock = threading.Lock()  # the server runs one inspection at a time (WORKERS); so does in-process
 
     def in_process(i: int) -> None:
@@ -156,8 +160,6 @@ def bench_server(bundle: Path, threads: int, jpegs: list[bytes], clients: tuple[
 
 def server_markdown(doc: dict[str, Any]) -> str:
     """The server result as markdown."""
-    from o2n_edge.bench.report import stamp_lines
-
     lines = [f"# {doc['name']}", "", *stamp_lines(doc["machine"]), "", doc.get("note", ""), ""]
     for r in doc["results"]:
         lines += [f"## {r['profile']} (`{r['bundle']}`), server workers {r['server_workers']}", "",
@@ -173,3 +175,30 @@ def server_markdown(doc: dict[str, Any]) -> str:
         lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no'} |" for t in r["targets"]]
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    """Command line of the study."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--category", required=True)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--per-client", type=int, default=REQUESTS_PER_CLIENT)
+    p.add_argument("--name", default="server_lite")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    a = p.parse_args()
+    from o2n_edge.data import load_dataset
+
+    set_threads(a.threads)
+    ds = load_dataset(a.data, None, a.category)
+    jpegs = [s.path.read_bytes() for s in ds.test]
+    note = " ".join(__doc__.split("Usage:")[0].split())
+    doc = {"name": a.name, "machine": machine_stamp(a.threads), "note": note,
+           "results": [bench_server(a.bundle, a.threads, jpegs, per_client=a.per_client)]}
+    write_result(a.out, a.name, doc, server_markdown(doc))
+    print(server_markdown(doc))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,24 +1,27 @@
-"""int8 dynamic quantization of a bundle's UNet and image encoder, and ORT CPU knobs.
+"""ORT CPU session knobs and dynamic int8 on one bundle: latency side by side, int8 accuracy on real images.
 
-Why dynamic quantization: it needs no calibration set (weights int8, activations quantized on
-the fly per batch), so it is the cheapest thing to try on a CPU line device. Why measure
-accuracy: int8 noise in the UNet changes the normal version and in the encoder changes every
-feature distance, so the image AUROC through the runtime on real images (fp32 vs int8, same
-images, same bundle constants) is reported next to the speed. The quantized graphs live in a
-cache dir (never committed); the bundle itself is not modified.
+Knobs (threads, graph optimization level, memory arena, bank search backend) run interleaved in
+one loop at batch 1. int8: fp32 vs dynamically quantized UNet + image encoder, interleaved, and
+the image AUROC through the runtime on every test image of the category (int8 noise changes
+every feature distance, so speed alone says nothing).
+
+Usage: python -m benchmarks.ort_knobs --bundle bundles/hazelnut-lite [--data ../shared/data/hazelnut_toy]
+Writes benchmarks/results/ort_knobs_<profile>.{json,md} (int8 rows only with --data).
 """
 
 from __future__ import annotations
 
-import hashlib
+import argparse
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-CACHE_DIR = Path(".bench_cache") / "int8"
-QUANTIZED = ("unet", "image_encoder")
+from benchmarks.common import RESULTS, machine_stamp, set_threads, stamp_lines, write_result
+from benchmarks.variants import Variant, quantized_overrides, score_test_set
+from o2n_edge.bench.latency import make_runner, run_interleaved, source_images, summarize
+
 KNOB_SETTINGS = (
     {"name": "threads=1, opt=all, arena=on", "threads": 1, "graph_optimization": "all", "mem_arena": True},
     {"name": "threads=2, opt=all, arena=on", "threads": 2, "graph_optimization": "all", "mem_arena": True},
@@ -29,34 +32,11 @@ KNOB_SETTINGS = (
 )
 
 
-def quantized_overrides(bundle: Path, names: tuple[str, ...] = QUANTIZED, cache_dir: Path = CACHE_DIR) -> dict[str, Path]:
-    """Quantize (once, cached by the bundle's manifest hash) and return name -> int8 graph path."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    from o2n_edge.runtime.bundle import load_bundle
-
-    b = load_bundle(bundle)
-    key = hashlib.sha256(str(b.manifest["manifest_sha256"]).encode()).hexdigest()[:16]
-    out = {}
-    for name in names:
-        if name not in b.manifest["models"]:
-            continue
-        dst = (cache_dir / key / f"{name}.int8.onnx").resolve()
-        if not dst.is_file():
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dst.with_name(dst.name + ".tmp.onnx")
-            quantize_dynamic(str(b.model_path(name)), str(tmp), weight_type=QuantType.QInt8)
-            tmp.replace(dst)
-        out[name] = dst
-    return out
-
-
 def auroc_through_runtime(bundle: Path, data: Path, category: str, threads: int,
                           overrides: dict[str, Path] | None = None) -> dict[str, Any]:
     """Image AUROC of the runtime on the category's test set (optionally with swapped graphs)."""
-    from o2n_edge.bench.variants import Variant, score_test_set
     from o2n_edge.data import load_dataset, load_image
-    from o2n_edge.metrics import image_auroc
+    from o2n_edge.detection_metrics import image_auroc
 
     ds = load_dataset(data, None, category)
     t0 = time.perf_counter()
@@ -68,8 +48,6 @@ def auroc_through_runtime(bundle: Path, data: Path, category: str, threads: int,
 
 def int8_study(bundle: Path, data: Path, category: str, threads: int, warmup: int, iters: int) -> dict[str, Any]:
     """fp32 vs int8 (UNet + encoder): per-image latency side by side and image AUROC on real data."""
-    from o2n_edge.bench.latency import make_runner, run_interleaved, source_images, summarize
-
     overrides = quantized_overrides(bundle)
     fp = make_runner("ort-cpu", bundle, threads)
     fp.name = "ort-cpu fp32"
@@ -92,12 +70,10 @@ def int8_study(bundle: Path, data: Path, category: str, threads: int, warmup: in
 
 def knob_study(bundle: Path, warmup: int, iters: int, settings: tuple[dict, ...] = KNOB_SETTINGS) -> dict[str, Any]:
     """ORT CPU session knobs on one bundle, all settings interleaved in one loop, batch 1."""
-    from o2n_edge.bench.latency import make_runner, run_interleaved, source_images, summarize
-
     runners = []
     for s in settings:
         r = make_runner("ort-cpu", bundle, s["threads"], graph_optimization=s["graph_optimization"],
-                        mem_arena=s["mem_arena"], bank_search=s.get("bank_search", "onnxruntime"))
+                        enable_mem_arena=s["mem_arena"], bank_search=s.get("bank_search", "onnxruntime"))
         r.name = s["name"]
         runners.append(r)
     run_interleaved(runners, source_images(1), warmup, iters)
@@ -117,8 +93,6 @@ def _opt(x: float | None) -> str:
 
 def knobs_markdown(doc: dict[str, Any]) -> str:
     """ORT knobs and int8 results as markdown."""
-    from o2n_edge.bench.report import stamp_lines
-
     lines = [f"# {doc['name']}", "", *stamp_lines(doc["machine"]), "", doc.get("note", ""), ""]
     for r in doc["results"]:
         if r["kind"] == "ort_knobs":
@@ -143,4 +117,31 @@ def knobs_markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["auroc_through_runtime", "int8_study", "knob_study", "quantized_overrides"]
+def main() -> None:
+    """Command line of the study."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--data", type=Path, default=None, help="data root: adds the int8 rows (accuracy on its test set)")
+    p.add_argument("--category", default="hazelnut")
+    p.add_argument("--name", default=None, help="result file name (default ort_knobs_<profile>)")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    a = p.parse_args()
+    from o2n_edge.runtime.bundle import load_bundle
+
+    set_threads(a.threads)
+    name = a.name or f"ort_knobs_{load_bundle(a.bundle).manifest['profile']}"
+    doc = {"name": name, "machine": machine_stamp(a.threads),
+           "note": "Knob settings run interleaved in one loop; int8 = fp32 vs int8 interleaved, accuracy on "
+                   "every test image of the category through the runtime.",
+           "results": [knob_study(a.bundle, a.warmup, a.iters)]}
+    if a.data:
+        doc["results"].append(int8_study(a.bundle, a.data, a.category, a.threads, a.warmup, a.iters))
+    write_result(a.out, name, doc, knobs_markdown(doc))
+    print(knobs_markdown(doc))
+
+
+if __name__ == "__main__":
+    main()

@@ -10,10 +10,15 @@ drift on a shared host hits all three; req/s = requests / wall summed over the r
 round's req/s is in the JSON); the machine's load average is recorded at start and end. Triton's own statistics give the mean batch it formed (inferences / executions). Every
 answer's score is checked against `serve`'s for the same image. Loopback only; every phase is
 bounded by a request count and a time limit.
+
+Usage: python -m benchmarks.triton_load --bundle bundles/hazelnut-lite-shots --data ../shared/data/hazelnut_toy \
+    --category hazelnut
+Needs o2n-edge[triton] (the PyPI tritonserver). Writes benchmarks/results/triton_lite.{json,md}.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -26,7 +31,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from o2n_edge.bench.env import load_average, percentiles, run_clients
+from benchmarks.common import RESULTS, load_average, machine_stamp, percentiles, run_clients, set_threads, stamp_lines, write_result
+from benchmarks.triton_server import LOOPBACK, SITE_ENV, LocalTriton, free_port, unavailable
 
 CLIENTS = (1, 4, 8)
 REQUESTS = {1: 60, 4: 24, 8: 15}  # per client, split over the rounds
@@ -45,7 +51,6 @@ class _Serve:
     """`o2n-edge serve` as a subprocess on a free loopback port."""
 
     def __init__(self, bundle: Path, threads: int, work: Path) -> None:
-        from o2n_edge.triton.local_server import LOOPBACK, free_port
 
         self.port = free_port()
         self.url = f"http://{LOOPBACK}:{self.port}"
@@ -119,7 +124,6 @@ def bench_triton(bundle: Path, threads: int, jpegs: list[bytes], clients: tuple[
     import tritonclient.http as httpclient
 
     from o2n_edge.runtime.bundle import load_bundle
-    from o2n_edge.triton.local_server import LocalTriton
     from o2n_edge.triton.repository import RepositoryOptions, write_repository
 
     requests = requests or REQUESTS
@@ -199,8 +203,6 @@ def bench_triton(bundle: Path, threads: int, jpegs: list[bytes], clients: tuple[
 
 def triton_markdown(doc: dict[str, Any]) -> str:
     """The result as markdown."""
-    from o2n_edge.bench.report import stamp_lines
-
     lines = [f"# {doc['name']}", "", *stamp_lines(doc["machine"]), "", f"`uptime` at start: {doc.get('uptime_start', '')}",
              f"`uptime` at end: {doc.get('uptime_end', '')}", "", f"Command: `{doc.get('command', '')}`", "",
              doc.get("note", ""), ""]
@@ -224,3 +226,42 @@ def triton_markdown(doc: dict[str, Any]) -> str:
                             for p in ("serve", "triton_http", "triton_grpc"))
         lines.append(f"- {row['clients']} clients: {spread}")
     return "\n".join(lines) + "\n"
+
+
+def _uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def main() -> None:
+    """Command line of the study."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--category", required=True)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--name", default="triton_lite")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    a = p.parse_args()
+    from o2n_edge.data import load_dataset
+
+    why = unavailable()
+    if why:
+        p.error(f"the real tritonserver cannot run here: {why}")
+    set_threads(a.threads)
+    ds = load_dataset(a.data, None, a.category)
+    jpegs = [s.path.read_bytes() for s in ds.test]
+    site = os.environ.get(SITE_ENV)  # the models' numpy < 2 site folder, when one was given
+    doc = {"name": a.name, "machine": machine_stamp(a.threads), "uptime_start": _uptime(),
+           "note": " ".join(__doc__.split("Usage:")[0].split()),
+           "command": (f"{SITE_ENV}={site} " if site else "") + "python -m benchmarks.triton_load " + " ".join(
+               f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if k != "out")}
+    doc["result"] = bench_triton(a.bundle, a.threads, jpegs, max_batch=a.max_batch)
+    doc["uptime_end"] = _uptime()
+    doc["machine"]["load_average_end"] = load_average()
+    write_result(a.out, a.name, doc, triton_markdown(doc))
+    print(triton_markdown(doc))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,4 +1,8 @@
-"""The torch-eager twin of :class:`o2n_edge.runtime.pipeline.OrtPipeline`, for latency baselines.
+"""Per-stage latency of a bundle: a torch-eager twin of the runtime vs ORT (the export's speed-up).
+
+`o2n-edge bench` measures the runtime's backends; this study adds the torch-eager baseline as an
+extra backend (``torch``, listed first, so every ORT row carries its score difference from it)
+and checks the speed-up target: ORT CPU >= 1.5x torch eager per image at batch 1.
 
 Why a twin and not ``o2n_edge.scoring`` + ``one_to_normal`` as they are: the baseline must run
 the *same stages on the same inputs* as the runtime and time each one under the same names
@@ -7,20 +11,28 @@ loads the bundle's constants (memory bank, norms, noise, timesteps) and the run'
 (the personalized run the bundle was exported from, the profile's encoder), and its scores are
 checked against the runtime's (``max_abs_score_diff`` in every result): a baseline that computed
 something else would show up there.
+
+Usage: python -m benchmarks.latency_vs_torch --bundle /tmp/b [--run-dir runs/export-...]
+Writes benchmarks/results/latency_<profile>.{json,md,png} (e.g. latency_tiny).
 """
+
 
 from __future__ import annotations
 
+import argparse
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
+from benchmarks.common import RESULTS
+from o2n_edge.bench.latency import BACKENDS, Runner
 from o2n_edge.data.preprocess import resize_uint8
 from o2n_edge.runtime.bundle import Bundle, load_bundle
 
 DEFAULT_RUNS_DIR = Path("runs")
+ORT_SPEEDUP_TARGET = 1.5  # ORT CPU >= 1.5x torch eager per image, batch 1
 
 
 def default_run_dir(manifest: dict, runs_dir: Path | None = None) -> Path:
@@ -166,3 +178,65 @@ class TorchPipeline:
             timings["postprocess"] = _ms(t0)
             timings["total"] = _ms(t_all)
         return scores, timings
+
+
+def torch_runner(bundle: Path, threads: int, run_dir: str | None = None) -> Runner:
+    """The ``torch`` backend of :func:`o2n_edge.bench.latency.bench_bundle` (threads are set by the caller)."""
+    pipe = TorchPipeline(bundle, Path(run_dir) if run_dir else None)
+    return Runner("torch", pipe.inspect_batch)
+
+
+def speedups(result: dict[str, Any], baseline: str = "torch") -> dict[str, float]:
+    """Per-image p50 speed-up of every measured row over ``baseline`` at the same batch."""
+    base = {r["batch"]: r["per_image_ms_p50"] for r in result["rows"] if r.get("backend") == baseline and "batch" in r}
+    return {f"{r['backend']}@b{r['batch']}": round(base[r["batch"]] / r["per_image_ms_p50"], 3)
+            for r in result["rows"]
+            if r.get("status") == "measured" and r["backend"] != baseline and r["batch"] in base}
+
+
+def speedup_targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """ORT CPU vs torch eager per image at batch 1, on measured rows only (with the distance)."""
+    out = []
+    for res in results:
+        rows = {(r["backend"], r.get("batch")): r for r in res.get("rows", []) if r.get("status") == "measured"}
+        t, o = rows.get(("torch", 1)), rows.get(("ort-cpu", 1))
+        if t and o:
+            s = t["per_image_ms_p50"] / o["per_image_ms_p50"]
+            out.append({"target": f"{res['profile']}: ORT CPU >= {ORT_SPEEDUP_TARGET}x torch eager per image, batch 1",
+                        "measured": f"{s:.2f}x ({t['per_image_ms_p50']:.1f} -> {o['per_image_ms_p50']:.1f} ms)",
+                        "met": s >= ORT_SPEEDUP_TARGET})
+    return out
+
+
+def main() -> None:
+    """Command line of the study."""
+    from o2n_edge.bench import bench_main
+    from o2n_edge.bench.latency_report import write_json, write_latency
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--backends", default=",".join(("torch",) + BACKENDS), help="torch first: the reference")
+    p.add_argument("--batch", default="1")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--run-dir", type=Path, default=None, help="the bundle's personalized run (torch rows)")
+    p.add_argument("--name", default=None, help="result file name (default latency_<profile>)")
+    p.add_argument("--note", default="", help="a paragraph written under the machine stamp")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    a = p.parse_args()
+    # by module name, not __main__: the memory-probe child imports it afresh
+    extra = {"torch": ("benchmarks.latency_vs_torch:torch_runner", {"run_dir": str(a.run_dir) if a.run_dir else None})}
+    doc = bench_main(a.bundle, a.backends.split(","), ["fp32"], [int(x) for x in a.batch.split(",")], a.out,
+                     a.warmup, a.iters, a.threads, a.name, a.note, extra_runners=extra)
+    for res in doc["results"]:
+        if res.get("kind") == "bundle_latency":
+            res["speedups"] = speedups(res)
+    doc["targets"] = speedup_targets(doc["results"]) + doc["targets"]
+    doc["paths"] = write_latency(doc, a.out)
+    write_json(a.out / f"{doc['name']}.json", doc)
+    print(open(doc["paths"]["md"]).read())
+
+
+if __name__ == "__main__":
+    main()

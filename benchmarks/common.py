@@ -1,15 +1,66 @@
-"""Full-page screenshots of local HTML files in Debian's headless Chromium (Selenium + chromedriver).
+"""What the studies in benchmarks/ share: where results go, the machine stamp, writing JSON +
+markdown, the load-test client driver, and headless-Chromium screenshots.
 
-The same browser setup as the operator-page test (tests/test_server_browser.py): the browser and
-its driver come from one apt source, nothing is downloaded (``SE_OFFLINE``), and a missing piece is
-a clear error naming the install command.
+The stamp and the atomic writers are the ones `o2n-edge bench` uses (re-exported from
+:mod:`o2n_edge.bench`), so every result file, product or study, carries the same context.
+
+Screenshots use the same browser setup as the operator-page test (tests/test_server_browser.py):
+the browser and its driver come from one apt source, nothing is downloaded (``SE_OFFLINE``), and
+a missing piece is a clear error naming the install command.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, Callable
+
+from o2n_edge.bench.env import load_average, machine_stamp, percentiles, set_threads
+from o2n_edge.bench.latency_report import stamp_lines, write_json, write_text
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def write_result(out: Path, name: str, doc: dict[str, Any], markdown: str) -> dict[str, str]:
+    """``out/<name>.json`` and ``out/<name>.md``, both atomic; returns the paths."""
+    return {"json": str(write_json(out / f"{name}.json", doc)), "md": str(write_text(out / f"{name}.md", markdown))}
+
+
+def run_clients(
+    work: Callable[[int, int], Any], clients: int, per_client: int, time_limit_s: float
+) -> tuple[list[float], list[tuple[int, Any]], float]:
+    """``clients`` threads each calling ``work(client, request)`` up to ``per_client`` times.
+
+    Shared by the load benchmarks (serve, Triton) so both drive their servers the same way: a
+    client stops early once ``time_limit_s`` has passed, so a slow path cannot stall the run.
+    Returns each request's latency (ms), ``(request index, what work returned)`` and the wall s.
+    """
+    lat: list[float] = []
+    results: list[tuple[int, Any]] = []
+    lock = threading.Lock()
+    deadline = time.perf_counter() + time_limit_s
+
+    def client(cid: int) -> None:
+        for i in range(per_client):
+            if time.perf_counter() > deadline:
+                return
+            request = cid * per_client + i
+            t0 = time.perf_counter()
+            out = work(cid, request)
+            dt = (time.perf_counter() - t0) * 1000.0
+            with lock:
+                lat.append(dt)
+                results.append((request, out))
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as ex:
+        list(ex.map(client, range(clients)))
+    return lat, results, time.perf_counter() - t0
+
 
 CHROMIUM_CANDIDATES = ("chromium", "chromium-browser", "google-chrome")
 CHROME_ARGS = (
@@ -75,3 +126,7 @@ def screenshot_page(html: Path, png: Path, width: int = WIDTH, max_height: int =
     finally:
         driver.quit()
     return {"images": n_images, "images_loaded": n_loaded, "page_height": height}
+
+
+__all__ = ["RESULTS", "BrowserUnavailable", "load_average", "machine_stamp", "percentiles", "run_clients",
+           "screenshot_page", "set_threads", "stamp_lines", "write_json", "write_result", "write_text"]
