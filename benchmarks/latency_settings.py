@@ -55,7 +55,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--bundles", type=Path, default=ROOT / "bundles" / "latency_settings")
-    ap.add_argument("--name", default="latency_lite_v2")
+    ap.add_argument("--name", default="latency_lite_v3")
     args = ap.parse_args()
     from benchmarks.common import machine_stamp, set_threads
     from o2n_edge.bench.latency import (

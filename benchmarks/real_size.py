@@ -12,10 +12,15 @@ Why the project's export path: the graphs are exported with ``export/specs.py`` 
 comparing a 3.4 GB graph with torch at two extra batch sizes, and simplifying it, would take
 longer than the benchmark; ORT's own graph optimizations (level "all") still run at load.
 Exports are cached under ``CACHE_DIR`` (never committed).
+
+Usage: python -m benchmarks.real_size [--resolution 256] [--iters 3] [--threads 1] [--taesd]
+Writes benchmarks/results/latency_real_size.{json,md} (--taesd: latency_autoencoder_tiny, the
+AutoencoderTiny encode/decode instead).
 """
 
 from __future__ import annotations
 
+import argparse
 import gc
 import time
 from pathlib import Path
@@ -24,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from o2n_edge._lazy import require
-from benchmarks.common import percentiles, set_threads
+from benchmarks.common import RESULTS, machine_stamp, percentiles, set_threads, stamp_lines, write_json, write_text
 
 torch = require("torch", "the real-size benchmark")
 
@@ -248,8 +253,6 @@ def transform_estimate(rows: list[dict[str, Any]], steps: int, resolution: int) 
 
 def real_size_markdown(doc: dict[str, Any]) -> str:
     """The real-size result as markdown (per stage, torch vs ORT CPU, batch 1)."""
-    from benchmarks.common import stamp_lines
-
     lines = [f"# {doc['name']}", "", *stamp_lines(doc["machine"]), "", doc.get("note", ""), ""]
     for res in doc["results"]:
         lines += [f"Weights: {res['weights']}. Batch {res['batch']}. Export: project specs + export_onnx, "
@@ -272,9 +275,39 @@ def real_size_markdown(doc: dict[str, Any]) -> str:
 
 def write_real_size(doc: dict[str, Any], out_dir: Path) -> dict[str, str]:
     """JSON + markdown of a real-size document."""
-    from benchmarks.common import write_json, write_text
-
     name = doc["name"]
     paths = {"md": str(write_text(out_dir / f"{name}.md", real_size_markdown(doc)))}
     paths["json"] = str(write_json(out_dir / f"{name}.json", doc))
     return paths
+
+
+SD15_STEPS = 4  # the sd15 profile's LCM steps (o2n_edge.profiles)
+
+
+def main() -> None:
+    """Command line of the study."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--resolution", default="256")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--taesd", action="store_true", help="AutoencoderTiny (TAESD architecture) encode/decode instead")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    a = p.parse_args()
+    resolutions = [int(x) for x in a.resolution.split(",")]
+    set_threads(a.threads)
+    if a.taesd:
+        doc = {"name": "latency_autoencoder_tiny", "machine": machine_stamp(a.threads),
+               "note": "diffusers AutoencoderTiny (TAESD architecture, SD-1.5 latents), seeded random weights: latency "
+                       "only. Compare with the AutoencoderKL rows of latency_real_size.",
+               "results": [bench_real_size(resolutions, a.warmup, a.iters, a.threads, stages=TINY_VAE_STAGES)]}
+    else:
+        res = bench_real_size(resolutions, a.warmup, a.iters, a.threads)
+        res["steps"] = SD15_STEPS
+        res["per_image"] = {r: transform_estimate(res["rows"], SD15_STEPS, r) for r in resolutions}
+        doc = {"name": "latency_real_size", "machine": machine_stamp(a.threads), "results": [res]}
+    print(open(write_real_size(doc, a.out)["md"]).read())
+
+
+if __name__ == "__main__":
+    main()

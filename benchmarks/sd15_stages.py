@@ -106,8 +106,9 @@ def stage_seed_hub(work: Path, opts: dict) -> dict:
     import torch
     import transformers
 
-    from o2n_edge.diffusion.models import SD_SCHEDULER_CONFIG, write_kohya_lora
+    from o2n_edge.diffusion.models import SD_SCHEDULER_CONFIG
     from o2n_edge.hub import seed_hub_cache
+    from tests.sd15_fixtures import write_kohya_lora  # a test fixture: run from the repository root
 
     src = work / "src"
     shutil.rmtree(src, ignore_errors=True)
