@@ -15,8 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
-from benchmarks.common import set_threads
-from benchmarks.common import write_json, write_text
+from benchmarks.harness import set_threads
+from benchmarks.harness import write_json, write_text
 
 RESULTS = Path(__file__).resolve().parent / "results" / "reports"
 SCREENSHOT = "screenshot.png"
@@ -73,7 +73,7 @@ def rebuild_summary(out: Path) -> list[dict]:
 
 def main() -> None:
     from o2n_edge.acceptance import build_report
-    from benchmarks.common import screenshot_page
+    from benchmarks.harness import screenshot_page
     from o2n_edge.data import load_dataset
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

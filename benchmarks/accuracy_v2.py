@@ -79,7 +79,7 @@ def summarize(records: list[dict], base: dict, variant: str) -> tuple[list[dict]
                      f"{cell(row, 'image_auroc')} | {delta} | {cell(row, 'image_ap')} | {cell(b, 'pixel_auroc')} | "
                      f"{cell(row, 'pixel_auroc')} | {cell(b, 'pixel_pro')} | {cell(row, 'pixel_pro')} | "
                      f"{'; '.join(row['settings'])} | {sum(r['wall_s'] for r in group):.0f} |")
-    # the headline: mean image AUROC over tire and textile (all shots), v2 vs v1
+    # the headline figure: mean image AUROC over tire and textile (all shots), v2 vs v1
     head = [r for r in rows if r["category"] in ("tire", "textile") and r.get("image_auroc") and r["baseline"].get("image_auroc")]
     if head:
         v2 = float(np.mean([r["image_auroc"]["mean"] for r in head]))

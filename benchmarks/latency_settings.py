@@ -1,4 +1,4 @@
-"""Per-image latency (ORT CPU, 1 thread, batch 1) of detection settings, interleaved (issue 11).
+"""Per-image latency (ORT CPU, 1 thread, batch 1) of detection settings, interleaved.
 
 Exports one shots-only bundle per setting (tire, 4 shots, seed 0; the image-encoder graph is
 shared where the setting allows) and times them in one interleaved loop through the runtime,
@@ -57,7 +57,7 @@ def main() -> None:
     ap.add_argument("--bundles", type=Path, default=ROOT / "bundles" / "latency_settings")
     ap.add_argument("--name", default="latency_lite_v3")
     args = ap.parse_args()
-    from benchmarks.common import machine_stamp, set_threads
+    from benchmarks.harness import machine_stamp, set_threads
     from o2n_edge.bench.latency import (
         jpeg_bytes,
         make_runner,

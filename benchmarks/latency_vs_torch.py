@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from benchmarks.common import RESULTS
+from benchmarks.harness import RESULTS
 from o2n_edge.bench.latency import BACKENDS, Runner
 from o2n_edge.data.preprocess import resize_uint8
 from o2n_edge.runtime.bundle import Bundle, load_bundle

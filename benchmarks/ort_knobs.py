@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import RESULTS, machine_stamp, set_threads, stamp_lines, write_result
+from benchmarks.harness import RESULTS, machine_stamp, set_threads, stamp_lines, write_result
 from benchmarks.variants import Variant, quantized_overrides, score_test_set
 from o2n_edge.bench.latency import make_runner, run_interleaved, source_images, summarize
 

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from o2n_edge._lazy import require
-from benchmarks.common import RESULTS, machine_stamp, percentiles, set_threads, stamp_lines, write_json, write_text
+from benchmarks.harness import RESULTS, machine_stamp, percentiles, set_threads, stamp_lines, write_json, write_text
 
 torch = require("torch", "the real-size benchmark")
 

@@ -114,7 +114,7 @@ def _vae_table(doc: dict) -> list[str]:
 
 
 def collect(work: Path, command: str, size: int, threads: int) -> dict:
-    from benchmarks.common import machine_stamp
+    from benchmarks.harness import machine_stamp
 
     stages = {}
     for name in STAGES:

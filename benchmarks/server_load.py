@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from benchmarks.common import RESULTS, machine_stamp, percentiles, run_clients, set_threads, stamp_lines, write_result
+from benchmarks.harness import RESULTS, machine_stamp, percentiles, run_clients, set_threads, stamp_lines, write_result
 
 LOOPBACK = "127.0.0.1"
 REQUESTS_PER_CLIENT = 40

@@ -18,8 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import machine_stamp
-from benchmarks.common import stamp_lines, write_json, write_text
+from benchmarks.harness import machine_stamp
+from benchmarks.harness import stamp_lines, write_json, write_text
 from benchmarks.triton_server import SITE_ENV
 
 RESULTS = Path(__file__).resolve().parent / "results"

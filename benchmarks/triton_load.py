@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from benchmarks.common import RESULTS, load_average, machine_stamp, percentiles, run_clients, set_threads, stamp_lines, write_result
+from benchmarks.harness import RESULTS, load_average, machine_stamp, percentiles, run_clients, set_threads, stamp_lines, write_result
 from benchmarks.triton_server import LOOPBACK, SITE_ENV, LocalTriton, free_port, unavailable
 
 CLIENTS = (1, 4, 8)

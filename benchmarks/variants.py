@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import RESULTS, machine_stamp, percentiles, set_threads, stamp_lines, write_result
+from benchmarks.harness import RESULTS, machine_stamp, percentiles, set_threads, stamp_lines, write_result
 from o2n_edge.bench.latency import open_ort
 
 log = logging.getLogger(__name__)

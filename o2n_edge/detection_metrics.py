@@ -28,7 +28,7 @@ PRO_NUM_THRESHOLDS = 200
 # Connected components of the ground truth use 8-connectivity, as the MVTec AD reference does
 # (``scipy.ndimage.label(gt, np.ones((3, 3)))``).
 PRO_STRUCTURE = np.ones((3, 3), dtype=int)
-# The result keys every result JSON uses (DESIGN.md, "Conventions the CLI keeps").
+# The result keys every result JSON uses (the CLI, the evaluation and the studies alike).
 METRIC_KEYS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_pro")
 
 

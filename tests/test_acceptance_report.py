@@ -158,7 +158,7 @@ def test_a_split_without_goods_or_defects_is_a_one_line_error(
 
 def test_missing_report_extra_names_it(tiny_bundle: Path, shared_data: Path, tmp_path: Path,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    from o2n_edge.acceptance import build
+    from o2n_edge.acceptance import report_builder as build
 
     monkeypatch.setitem(build.REPORT_MODULES, "o2n_edge_no_such_module", "a test")
     res = runner.invoke(app, ["report", "--bundle", str(tiny_bundle), "--data", str(shared_data / "hazelnut_toy"),
@@ -174,7 +174,7 @@ def test_wrong_category_is_refused(tiny_bundle: Path, shared_data: Path, tmp_pat
 
 def test_report_page_renders_in_headless_chromium(report_dir: Path, tmp_path: Path) -> None:
     """Every embedded image decodes in a real browser, and a full-page screenshot is taken."""
-    from benchmarks.common import BrowserUnavailable, screenshot_page
+    from benchmarks.harness import BrowserUnavailable, screenshot_page
 
     png = tmp_path / "shot.png"
     try:
