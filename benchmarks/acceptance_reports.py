@@ -1,7 +1,7 @@
 """Acceptance reports of shipped bundles, each with a headless-Chromium screenshot, plus a summary table.
 
 Usage:
-  python -m benchmarks.reports --name hazelnut_lite --bundle bundles/hazelnut-lite \\
+  python -m benchmarks.acceptance_reports --name hazelnut_lite --bundle bundles/hazelnut-lite \\
       --data ../shared/data/hazelnut_toy [--category hazelnut] [--dataset textile] \\
       [--note "bundle from commit abc123: o2n-edge export ..."]
 Writes benchmarks/results/reports/<name>/{report.html, report.json, screenshot.png} (the report is
