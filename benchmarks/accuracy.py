@@ -16,7 +16,7 @@ from o2n_edge import __version__
 from o2n_edge.data import load_dataset
 from o2n_edge.evaluation import evaluate
 from o2n_edge.profiles import get_profile, parse_branches
-from o2n_edge.report import markdown_table
+from o2n_edge.eval_tables import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = (ROOT / ".." / "shared" / "data").resolve()

@@ -1,15 +1,16 @@
-"""Accuracy of the issue-11 detection core against the v1 baseline, same harness (`evaluate`).
+"""Accuracy of the lite detection core (v3 default) against the v1 baseline, same harness (`evaluate`).
 
-Runs the lite profile as it now stands (its default setting, or with ``--self-tune`` the setting
-chosen from the shots alone; ``--image-size`` for the fast setting; JPEG draft decode and the
+Runs the lite profile as it now stands (its default setting; ``--image-size`` for the fast
+setting; JPEG draft decode and the
 exported coreset as a bundle scores) on hazelnut, tire and textile at
 1/2/4 shots x seeds 0/1/2, shots-only memory bank. Every finished (category, shots, seed) run is
-appended to ``benchmarks/results/<name>.runs.jsonl`` at once (a killed run resumes there), and
+appended to ``benchmarks/results/<name>.runs.jsonl`` at once (a killed run resumes there; without
+that file the runs recorded in ``<name>.json`` are the starting point), and
 the JSON + markdown table are rewritten after each, with the baseline's figures
 (``--baseline``, measured by ``benchmarks.accuracy`` with the v1 defaults) beside them.
 
 Usage: python -m benchmarks.accuracy_v2 [--name accuracy_lite_v2] [--baseline accuracy_lite_v1_baseline]
-           [--only tire,textile] [--shots 1,2,4] [--seeds 0,1,2] [--image-size 224] [--self-tune]
+           [--only tire,textile] [--shots 1,2,4] [--seeds 0,1,2] [--image-size 224]
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 from o2n_edge import __version__
 from o2n_edge.data import load_dataset
 from o2n_edge.evaluation import METRIC_KEYS, evaluate
-from o2n_edge.metrics import mean_std
+from o2n_edge.detection_metrics import mean_std
 from o2n_edge.profiles import get_profile
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +79,7 @@ def summarize(records: list[dict], base: dict, variant: str) -> tuple[list[dict]
                      f"{cell(row, 'image_auroc')} | {delta} | {cell(row, 'image_ap')} | {cell(b, 'pixel_auroc')} | "
                      f"{cell(row, 'pixel_auroc')} | {cell(b, 'pixel_pro')} | {cell(row, 'pixel_pro')} | "
                      f"{'; '.join(row['settings'])} | {sum(r['wall_s'] for r in group):.0f} |")
-    # the issue's headline: mean image AUROC over tire and textile (all shots), v2 vs v1
+    # the headline figure: mean image AUROC over tire and textile (all shots), v2 vs v1
     head = [r for r in rows if r["category"] in ("tire", "textile") and r.get("image_auroc") and r["baseline"].get("image_auroc")]
     if head:
         v2 = float(np.mean([r["image_auroc"]["mean"] for r in head]))
@@ -101,7 +102,6 @@ def main() -> None:
     ap.add_argument("--only", default=None)
     ap.add_argument("--shots", default="1,2,4")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--self-tune", action="store_true", help="choose each run's setting from its shots (profiles.with_self_tuning)")
     ap.add_argument("--image-size", type=int, default=None, help="the encoder's input side (224 = the fast setting)")
     ap.add_argument("--stats-weight", type=float, default=None, help="the global statistics branch's weight")
     ap.add_argument("--merge", default=None,
@@ -114,13 +114,16 @@ def main() -> None:
     from o2n_edge.evaluation import fixed_setting
     from o2n_edge.profiles import with_options
 
-    profile = with_options(get_profile("lite"), self_tune=args.self_tune, image_size=args.image_size,
+    profile = with_options(get_profile("lite"), image_size=args.image_size,
                            stats_weight=args.stats_weight)
-    variant = ("shots-only, self-tuned" if profile.self_tune
-               else f"shots-only, fixed: {fixed_setting(profile)}")
+    variant = f"shots-only, fixed: {fixed_setting(profile)}"
     RESULTS.mkdir(parents=True, exist_ok=True)
     jsonl = RESULTS / f"{args.name}.runs.jsonl"
-    records = [json.loads(x) for x in jsonl.read_text().splitlines()] if jsonl.exists() else []
+    done = RESULTS / f"{args.name}.json"
+    records = ([json.loads(x) for x in jsonl.read_text().splitlines()] if jsonl.exists()
+               else json.loads(done.read_text())["runs"] if done.exists() else [])
+    if records and not jsonl.exists():  # resume from the finished result: the new runs append to all of it
+        jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
     if args.merge:  # parts run in parallel processes, one file each
         records = [json.loads(x) for part in args.merge.split(",")
                    for x in (RESULTS / f"{part}.runs.jsonl").read_text().splitlines()]
@@ -134,7 +137,6 @@ def main() -> None:
         doc = {"machine": {"platform": platform.platform(), "python": platform.python_version(), "threads": 1},
                "o2n_edge": __version__, "profile": "lite", "variant": variant, "baseline": args.baseline,
                "coreset": profile.coreset_ratio, "jpeg_draft": profile.jpeg_draft,
-               "candidates": [c.name if hasattr(c, "name") else c for c in profile.self_tune],
                "rows": rows, "runs": records}
         (RESULTS / f"{args.name}.json").write_text(json.dumps(doc, indent=2) + "\n")
         (RESULTS / f"{args.name}.md").write_text(
@@ -142,8 +144,7 @@ def main() -> None:
             f"(same harness, v1 defaults: Lite0 at 224 px, layers 2+4, no statistics branch, whole bank). "
             f"v2 scores with the exported coreset ({profile.coreset_ratio}) and JPEG draft decode = "
             f"{profile.jpeg_draft}; "
-            + ("each run's setting is chosen from its shots alone (pseudo-validation scores in the JSON). "
-               if profile.self_tune else "one setting for every category and run. ")
+            + "one setting for every category and run. "
             + "Written by `python -m benchmarks.accuracy_v2`.\n\n" + md)
 
     for dataset, root, category in ([] if args.merge else SETS):

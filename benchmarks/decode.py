@@ -1,4 +1,4 @@
-"""JPEG decode + resize to the scoring size: full decode vs PIL draft mode (issue 11, item 5).
+"""JPEG decode + resize to the scoring size: full decode vs PIL draft mode.
 
 For each JPEG set: median ms per image of decode_image + resize_uint8 to the scoring size, with
 and without draft mode, interleaved in one loop, and the mean/max absolute pixel difference of

@@ -1,4 +1,4 @@
-"""Per-image latency (ORT CPU, 1 thread, batch 1) of detection settings, interleaved (issue 11).
+"""Per-image latency (ORT CPU, 1 thread, batch 1) of detection settings, interleaved.
 
 Exports one shots-only bundle per setting (tire, 4 shots, seed 0; the image-encoder graph is
 shared where the setting allows) and times them in one interleaved loop through the runtime,
@@ -55,9 +55,9 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--bundles", type=Path, default=ROOT / "bundles" / "latency_settings")
-    ap.add_argument("--name", default="latency_lite_v2")
+    ap.add_argument("--name", default="latency_lite_v3")
     args = ap.parse_args()
-    from o2n_edge.bench.env import machine_stamp, set_threads
+    from benchmarks.harness import machine_stamp, set_threads
     from o2n_edge.bench.latency import (
         jpeg_bytes,
         make_runner,

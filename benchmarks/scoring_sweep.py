@@ -1,4 +1,4 @@
-"""Scoring sweep (issue 11): many image-score variants from one nearest-neighbour pass per run.
+"""Scoring sweep: many image-score variants from one nearest-neighbour pass per run.
 
 The exploration behind the lite detection core v3 default. For each (preprocessing, encoder
 resolution, layers, kernel, shot views, shots, seed) the test set's pool map is computed once
@@ -16,7 +16,7 @@ map's median; ``+s1`` / ``+s.5`` = plus 1 / 0.5 x the standardized statistics br
 v6 = + right-angle rotations, ``p`` = + gamma/gain variants.
 
 Usage: python -m benchmarks.scoring_sweep --set tire --encs lite0:224,lite0:448 --views v6 --coreset 0.1 --out X.jsonl
-       python -m benchmarks.scoring_sweep --summarize benchmarks/results/scoring_sweep_issue11.md X.jsonl ...
+       python -m benchmarks.scoring_sweep --summarize benchmarks/results/scoring_sweep.md X.jsonl ...
 """
 import argparse
 import itertools
@@ -101,7 +101,7 @@ def summarize(out_md: str, inputs: list[str]) -> None:
     table = collections.defaultdict(dict)
     for (key, n, k), v in acc.items():
         table[(key, n)][k] = (100 * float(np.mean(v)), len(v))
-    lines = ["# scoring_sweep_issue11\n", __doc__.split("Usage:")[0].strip() + "\n",
+    lines = ["# scoring_sweep\n", __doc__.split("Usage:")[0].strip() + "\n",
              "Image AUROC (percent), mean over seeds (n = runs) per shot count; `mean` = over the shot counts present. "
              "Written by `python -m benchmarks.scoring_sweep --summarize`.\n",
              "| set | prep | encoder | layers | kernel | views | bank | variant | mean | k=1 | k=2 | k=4 |",

@@ -2,7 +2,7 @@
 
 Usage: python -m benchmarks.sd15_dry_run [--work .bench_cache/sd15_dry_run] [--size 256] [--threads 1]
        [--stages seed_hub,personalize,...] [--redo]
-Stages (each in its own process, resumable; see o2n_edge.bench.sd15_dry_run): seed_hub, personalize,
+Stages (each in its own process, resumable; see benchmarks.sd15_stages): seed_hub, personalize,
 merge_lcm_lora, export_fp32, export_fp16, runtime_fp32, runtime_fp16, taesd.
 Writes benchmarks/results/sd15_dry_run.{json,md}. Needs ~15 GB of free memory at the export stages.
 """
@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from o2n_edge.bench.sd15_dry_run import DEFAULT_STAGES, STAGES, run_stage, stage_env
+from benchmarks.sd15_stages import DEFAULT_STAGES, STAGES, run_stage, stage_env
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -114,7 +114,7 @@ def _vae_table(doc: dict) -> list[str]:
 
 
 def collect(work: Path, command: str, size: int, threads: int) -> dict:
-    from o2n_edge.bench.env import machine_stamp
+    from benchmarks.harness import machine_stamp
 
     stages = {}
     for name in STAGES:

@@ -1,7 +1,7 @@
 """Screenshot of the operator page serving a real bundle (headless Chromium, as the browser test).
 
 Usage: python -m benchmarks.server_page --bundle bundles/hazelnut --image photo.jpg \
-           --out benchmarks/results/server_page_lite_hazelnut.png
+           --out /tmp/server_page_lite_hazelnut.png
 Needs Debian's chromium + chromium-driver and selenium (the dev extra), like
 tests/test_server_browser.py; nothing is downloaded.
 """

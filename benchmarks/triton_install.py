@@ -18,9 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from o2n_edge.bench.env import machine_stamp
-from o2n_edge.bench.report import stamp_lines, write_json, write_text
-from o2n_edge.triton.local_server import SITE_ENV
+from benchmarks.harness import machine_stamp
+from benchmarks.harness import stamp_lines, write_json, write_text
+from benchmarks.triton_server import SITE_ENV
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ import numpy as np
 
 from o2n_edge.data import Dataset, load_image, load_mask, sample_shots
 from o2n_edge.data.preprocess import resize_uint8
-from o2n_edge.metrics import compute_metrics, mean_std
+from o2n_edge.detection_metrics import compute_metrics, mean_std
 from o2n_edge.profiles import Profile
 from o2n_edge.progress import progress_iter
 from o2n_edge.reference import augment_views, build_reference

@@ -18,7 +18,7 @@ Design points (each one a failure seen in similar tools):
 
 This module holds the routes and the app's assembly; the parts read alone: request parsing and
 error answers (:mod:`http_input`), the bounded inference worker (:mod:`worker`, shared with the
-Triton model), the Prometheus metrics (:mod:`metrics`) and the operator page
+Triton model), the Prometheus metrics (:mod:`prometheus`) and the operator page
 (:mod:`operator_page`).
 
 Runtime rule: numpy + pillow + fastapi/uvicorn only; nothing here may import torch.
@@ -50,7 +50,7 @@ from o2n_edge.runtime.http_input import (
     is_multipart,
     read_body,
 )
-from o2n_edge.runtime.metrics import CONTENT_TYPE, MetricsMiddleware, ServerMetrics
+from o2n_edge.runtime.prometheus import CONTENT_TYPE, MetricsMiddleware, ServerMetrics
 from o2n_edge.runtime.operator_page import page_router
 from o2n_edge.runtime.results_log import ResultsLog
 from o2n_edge.runtime.types import Inspector

@@ -117,7 +117,7 @@ def test_report_page_is_self_contained(report_dir: Path) -> None:
 def test_report_replaces_a_previous_report_but_never_other_directories(
     tiny_bundle: Path, shared_data: Path, tmp_path: Path
 ) -> None:
-    from o2n_edge.acceptance.build import write_atomically
+    from o2n_edge.acceptance.report_builder import write_atomically
 
     out = tmp_path / "rep"
     write_atomically(out, {"report.json": b"{}", "report.html": b"old"})
@@ -159,7 +159,7 @@ def test_a_split_without_goods_or_defects_is_a_one_line_error(
 
 def test_missing_report_extra_names_it(tiny_bundle: Path, shared_data: Path, tmp_path: Path,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    from o2n_edge.acceptance import build
+    from o2n_edge.acceptance import report_builder as build
 
     monkeypatch.setitem(build.REPORT_MODULES, "o2n_edge_no_such_module", "a test")
     res = runner.invoke(app, ["report", "--bundle", str(tiny_bundle), "--data", str(shared_data / "hazelnut_toy"),
@@ -175,7 +175,7 @@ def test_wrong_category_is_refused(tiny_bundle: Path, shared_data: Path, tmp_pat
 
 def test_report_page_renders_in_headless_chromium(report_dir: Path, tmp_path: Path) -> None:
     """Every embedded image decodes in a real browser, and a full-page screenshot is taken."""
-    from o2n_edge.bench.screenshot import BrowserUnavailable, screenshot_page
+    from benchmarks.harness import BrowserUnavailable, screenshot_page
 
     png = tmp_path / "shot.png"
     try:

@@ -84,7 +84,7 @@ def test_runtime_matches_torch_reference_on_the_test_set(tiny_bundle, shared_dat
     from o2n_edge.data.preprocess import resize_uint8
     from o2n_edge.diffusion import load_run, one_to_normal
     from o2n_edge.encoders import build_encoder, encode_images
-    from o2n_edge.metrics import image_auroc
+    from o2n_edge.detection_metrics import image_auroc
     from o2n_edge.profiles import get_profile
     from o2n_edge.runtime.bundle import load_bundle
     from o2n_edge.runtime.pipeline import OrtPipeline
@@ -199,8 +199,8 @@ def test_bank_search_on_onnxruntime_and_numpy_agree(tiny_bundle, shared_data: Pa
 
 def test_variants_study_compares_against_the_reference(tiny_bundle, shared_data: Path, tmp_path: Path) -> None:
     """Same bundle twice: zero cost; an int8 copy: scored, its cost and score change reported."""
-    from o2n_edge.bench.quantize import quantized_overrides
-    from o2n_edge.bench.variants import Variant, variants_study
+    from benchmarks.variants import quantized_overrides
+    from benchmarks.variants import Variant, variants_study
 
     b = Path(tiny_bundle.bundle)
     doc = variants_study([Variant("fp32", b), Variant("again", b), Variant("int8", b, quantized_overrides(b, cache_dir=tmp_path))],
@@ -243,7 +243,7 @@ def test_static_int8_qdq_graphs_are_calibrated_cached_and_run(tiny_bundle, share
 
     from o2n_edge.bench.latency import open_ort
     from o2n_edge.data import load_dataset, load_image
-    from o2n_edge.export.int8_static import static_int8_overrides
+    from benchmarks.variants import static_int8_overrides
 
     ds = load_dataset(shared_data / "hazelnut_toy", "mvtec", "hazelnut")
     calib = [load_image(p) for p in ds.train_good[-3:]]

@@ -14,7 +14,7 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from o2n_edge.metrics import (
+from o2n_edge.detection_metrics import (
     METRIC_KEYS,
     compute_metrics,
     image_ap,

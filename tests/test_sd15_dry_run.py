@@ -23,7 +23,7 @@ def test_sd15_dry_run_at_real_size(tmp_path: Path, shared_data: Path) -> None:
                          cwd=ROOT, capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stdout[-2000:]
     doc = json.loads((tmp_path / "results" / "sd15_dry_run.json").read_text())
-    from o2n_edge.bench.sd15_dry_run import STAGES
+    from benchmarks.sd15_stages import STAGES
 
     assert set(doc["stages"]) == set(STAGES)
     assert not [s for s in doc["stages"].values() if "error" in s]

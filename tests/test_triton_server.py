@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from o2n_edge.cli import app
 from o2n_edge.data.images import load_image
-from o2n_edge.triton.local_server import LocalTriton, unavailable
+from benchmarks.triton_server import LocalTriton, unavailable
 from o2n_edge.triton.repository import RepositoryOptions, write_repository
 
 WHY = unavailable()

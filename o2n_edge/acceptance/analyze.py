@@ -16,7 +16,7 @@ from o2n_edge.acceptance.operating_point import (
     per_type_escapes,
     threshold_for_frr,
 )
-from o2n_edge.metrics import compute_metrics
+from o2n_edge.detection_metrics import compute_metrics
 
 # Images in each gallery row (worst escapes, worst false rejects).
 GALLERY_SIZE = 6
@@ -25,7 +25,7 @@ GALLERY_SIZE = 6
 def _pixel_metrics(masks: np.ndarray | None, maps: np.ndarray | None, idx: np.ndarray) -> dict:
     if masks is None or maps is None or not masks[idx].any():
         return {"pixel_auroc": None, "pixel_pro": None}
-    from o2n_edge.metrics import pixel_auroc, pixel_pro
+    from o2n_edge.detection_metrics import pixel_auroc, pixel_pro
 
     return {"pixel_auroc": pixel_auroc(masks[idx], maps[idx]),
             "pixel_pro": pixel_pro(masks[idx], maps[idx], num_thresholds=None)}

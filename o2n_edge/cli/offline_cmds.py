@@ -48,7 +48,7 @@ def eval_cmd(
         from o2n_edge.data import load_dataset
         from o2n_edge.evaluation import evaluate
         from o2n_edge.profiles import get_profile, parse_branches, with_options
-        from o2n_edge.report import markdown_table, print_table
+        from o2n_edge.eval_tables import markdown_table, print_table
 
         if dataset == "textile" and category is None:
             category = "textile"

@@ -3,6 +3,5 @@
 Torch-free, like the runtime: the repository is written on (or for) the serving machine from a
 verified bundle. ``repository`` writes it, ``config`` renders and checks each ``config.pbtxt``,
 ``python_models`` is the logic of the two Python-backend models (the BLS pipeline and the
-self-contained one), and ``local_server`` starts the ``tritonserver`` binary that the PyPI wheel
-``nvidia-pytriton`` carries (tests and benchmarks; loopback only).
+self-contained one).
 """
