@@ -18,47 +18,104 @@ v6 = + right-angle rotations, ``p`` = + gamma/gain variants.
 Usage: python -m benchmarks.scoring_sweep --set tire --encs lite0:224,lite0:448 --views v6 --coreset 0.1 --out X.jsonl
        python -m benchmarks.scoring_sweep --summarize benchmarks/results/scoring_sweep.md X.jsonl ...
 """
+from __future__ import annotations
+
 import argparse
 import itertools
 import json
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
 from o2n_edge.data import load_dataset, sample_shots
 from o2n_edge.data.preprocess import resize_uint8
-from o2n_edge.profiles import get_profile
-from o2n_edge.scoring import (
+from o2n_edge.data.tiling import TileLayout, stitch_outputs
+from o2n_edge.profiles import EncoderSpec, get_profile
+from o2n_edge.reference import build_reference
+from o2n_edge.runtime.bank_search import NumpyBankSearch
+from o2n_edge.runtime.scoring import (
     ScoringConfig,
-    build_reference,
     cosine_distance_to_bank,
+    feature_stats,
     pool_map,
-    stats_branch,
+    ring_index,
+    stats_distance,
     topk_mean,
     upsample_and_smooth,
 )
-from o2n_edge.tuning.features import encode_trunk
 
 SHARED = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve()
 SETS = {"textile": ("textile", None), "tire": ("mvtec", SHARED / "mvtec3d_rgb"),
         "hazelnut": ("mvtec", SHARED / "hazelnut_toy")}
-def _gamma(g):
+STAGES = (1, 2, 3, 4)  # every backbone stage a --layers setting may take patch features from
+ENCODE_BATCH = 8
+
+
+def _gamma(g: float) -> Callable[[np.ndarray], np.ndarray]:
     lut = (255 * (np.arange(256) / 255) ** g).clip(0, 255).astype(np.uint8)
     return lambda im: lut[im]
-def _gain(a):
+
+
+def _gain(a: float) -> Callable[[np.ndarray], np.ndarray]:
     return lambda im: (im.astype(np.float32) * a).clip(0, 255).astype(np.uint8)
+
+
 TF = [lambda im: im, lambda im: im[:, ::-1], lambda im: im[::-1, :], lambda im: np.rot90(im, 1), lambda im: np.rot90(im, 2),
       lambda im: np.rot90(im, 3), _gamma(0.7), _gamma(1.4), _gain(0.75), _gain(1.3)]
 NTF = len(TF)
 VIEWSETS = {"v1": [0], "v3": [0, 1, 2], "v6": [0, 1, 2, 3, 4, 5], "v3p": [0, 1, 2, 6, 7, 8, 9], "v1p": [0, 6, 7, 8, 9], "v6p": list(range(10))}
 
 
-def load(p, prep):
+@dataclass
+class Trunk:
+    """Backbone stage maps of a set of images, kept so each (layers, kernel) costs a compose, not a pass.
+
+    The features are composed with the encoder's own ``compose_patch`` and stitched like the
+    runtime stitches graph outputs, so they equal what the exported encoder would give.
+    """
+
+    layout: TileLayout
+    stages: dict[int, Any]  # stage -> torch.Tensor (N*tiles, C, h, w)
+    global_: np.ndarray  # (N, G), merged over tiles
+
+    def compose(self, layers: tuple[int, ...], kernel: int) -> dict[str, np.ndarray]:
+        """{"patch": (N,H,W,D), "global": (N,G)} as the exported graph with these settings gives them."""
+        import torch
+
+        from o2n_edge.encoders.efficientnet import compose_patch
+
+        with torch.inference_mode():
+            patch = compose_patch({i: self.stages[i] for i in layers}, layers, kernel).numpy()
+        return {"patch": stitch_outputs({"patch": patch}, self.layout)["patch"], "global": self.global_}
+
+
+def encode_trunk(spec: EncoderSpec, images: list[np.ndarray]) -> Trunk:
+    """Run the EfficientNet-Lite backbone of ``spec`` over uint8 ``images`` once, keeping every stage."""
+    import torch
+
+    from o2n_edge.encoders import build_encoder
+
+    enc = build_encoder(replace(spec, layers=(), aggregation=1))
+    chunks: dict[int, list[Any]] = {i: [] for i in STAGES}
+    globs = []
+    with torch.inference_mode():
+        for s in range(0, len(images), ENCODE_BATCH):
+            feats, head = enc.stage_maps(enc.preprocess(images[s:s + ENCODE_BATCH]), STAGES)
+            for i in STAGES:
+                chunks[i].append(feats[i].float().clone())
+            globs.append(head.mean(dim=(2, 3)).float().numpy())
+    glob = stitch_outputs({"global": np.concatenate(globs)}, enc.layout)["global"]
+    return Trunk(enc.layout, {i: torch.cat(v) for i, v in chunks.items()}, glob)
+
+
+def load(p: Path, prep: str) -> np.ndarray:
+    """An RGB image, optionally autocontrasted (``ac``) or equalized (``eq``)."""
     im = Image.open(p).convert("RGB")
     if prep == "ac":
         im = ImageOps.autocontrast(im, cutoff=1)
@@ -67,23 +124,29 @@ def load(p, prep):
     return np.asarray(im)
 
 
-def ring_scores(gm, loo, ring0, nr, side):
+def ring_scores(gm: np.ndarray, loo: np.ndarray, nr: int, side: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-1% and max of the smoothed map after standardizing each border ring (< nr) on its own."""
     h, w = gm.shape[1:]
-    ring = np.minimum(ring0, nr)
-    center = torch.zeros(h, w, dtype=torch.float64)
-    scale = torch.zeros(h, w, dtype=torch.float64)
+    ring = ring_index(h, w, nr)
+    center = np.zeros((h, w))
+    scale = np.zeros((h, w))
     for r in range(nr + 1):
-        sel = torch.from_numpy(ring == r)
+        sel = ring == r
         v = loo[:, sel]
         center[sel] = v.mean()
-        scale[sel] = max(float(v.std()), 0.1 * float(v.mean()))
-    rmap = ((gm.double() - center) / scale).float()
-    rfull = torch.cat([upsample_and_smooth(rmap[s:s + 32], side, 4.0) for s in range(0, len(gm), 32)])
-    return topk_mean(rfull, 0.01), rfull.reshape(len(rfull), -1).max(1).values
+        scale[sel] = max(float(v.std(ddof=1)), 0.1 * float(v.mean()))  # as first measured: sample std
+    rfull = upsample_and_smooth((gm - center) / scale, side, 4.0)
+    return topk_mean(rfull, 0.01), rfull.reshape(len(rfull), -1).max(1)
 
 
-def auroc(y, s):
+def lower_median(maps: np.ndarray) -> np.ndarray:
+    """(B,...) -> (B,): the lower middle value, as torch's median (what the results were measured with)."""
+    flat = np.sort(maps.reshape(len(maps), -1), axis=1)
+    return flat[:, (flat.shape[1] - 1) // 2]
+
+
+def auroc(y: np.ndarray, s: np.ndarray) -> float:
+    """Image AUROC (sklearn, imported late: only a run needs it)."""
     from sklearn.metrics import roc_auc_score
     return float(roc_auc_score(y, s))
 
@@ -117,7 +180,8 @@ def summarize(out_md: str, inputs: list[str]) -> None:
     Path(out_md).write_text("\n".join(lines) + "\n")
 
 
-def main():
+def main() -> None:
+    """Sweep (one JSONL line per run) or ``--summarize``."""
     if len(sys.argv) > 2 and sys.argv[1] == "--summarize":
         summarize(sys.argv[2], sys.argv[3:])
         return
@@ -135,6 +199,8 @@ def main():
     a = ap.parse_args()
     ds_kind, root = SETS[a.set]
     ds = load_dataset(root, ds_kind, a.set)
+    import torch
+
     torch.set_num_threads(2)
     labels = ds.labels
     test_paths = [s.path for s in ds.test]
@@ -172,46 +238,39 @@ def main():
                             continue
                         cfg = replace(ScoringConfig.from_profile(replace(prof, stats_weight=1.0), ("pool",)), image_size=side)
                         ref = build_reference(shot_feats, cfg)
-                        with torch.inference_mode():
-                            mb = ref.memory_bank
-                            if a.coreset < 1.0:
-                                from o2n_edge.export.coreset import greedy_coreset
-                                mb = mb[greedy_coreset(mb, a.coreset, seed=0)]
-                            bank = torch.from_numpy(mb)
-                            gmaps = []
-                            for s in range(0, len(test_imgs), 32):
-                                gmaps.append(pool_map(torch.from_numpy(tf["patch"][s:s + 32]).float(), bank))
-                            gm = torch.cat(gmaps)
-                            c, sc = ref.norm_of("pool")
-                            gc, gs = ref.norm_of("global_pool")
-                            stdm = (gm - c) / sc
-                            glob = (cosine_distance_to_bank(torch.from_numpy(tf["global"]).float(), torch.from_numpy(ref.global_bank)) - gc) / gs
-                            full = torch.cat([upsample_and_smooth(stdm[s:s + 32], side, 4.0) for s in range(0, len(gm), 32)])
-                            top1 = topk_mean(full, 0.01)
-                            mx = full.reshape(len(full), -1).max(1).values
-                            gmax = stdm.reshape(len(gm), -1).max(1).values
-                            # ring-wise standardization from leave-one-shot-out maps
-                            loo = []
-                            for i, f in enumerate(shot_feats):
-                                others = [g for j, g in enumerate(shot_feats) if j != i] if k > 1 else [{kk: v[1:] for kk, v in f.items()}]
-                                ob = torch.from_numpy(np.concatenate([g["patch"].reshape(-1, g["patch"].shape[-1]) for g in others]))
-                                loo.append(pool_map(torch.from_numpy(f["patch"][:1]).float(), ob.float())[0])
-                            loo = torch.stack(loo).double()
-                            h, w = gm.shape[1:]
-                            ii, jj = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-                            ring0 = np.minimum(np.minimum(ii, jj), np.minimum(h - 1 - ii, w - 1 - jj))
-                            rtop, rmax = ring_scores(gm, loo, ring0, 3, side)
-                            r10, r10max = ring_scores(gm, loo, ring0, max(1, round(0.1 * h)), side)
-                            r15, _ = ring_scores(gm, loo, ring0, max(1, round(0.15 * h)), side)
-                            mgp = max(1, side // 10)
-                            crop = full[:, mgp:-mgp, mgp:-mgp]
-                            ctop = topk_mean(crop, 0.01)
-                            cmax = crop.reshape(len(crop), -1).max(1).values
-                            med = full.reshape(len(full), -1).median(1).values
-                            gmed = stdm.reshape(len(gm), -1).median(1).values
-                            gmean = stdm.reshape(len(gm), -1).mean(1)
-                            stc, sts = ref.norm_of("global_stats")
-                            stats = (stats_branch(tf, ref) - stc) / sts
+                        mb = ref.memory_bank
+                        if a.coreset < 1.0:
+                            from o2n_edge.export.coreset import greedy_coreset
+                            mb = mb[greedy_coreset(mb, a.coreset, seed=0)]
+                        gm = pool_map(tf["patch"], mb, NumpyBankSearch(mb))
+                        c, sc = ref.norm_of("pool")
+                        gc, gs = ref.norm_of("global_pool")
+                        stdm = (gm - c) / sc
+                        glob = (cosine_distance_to_bank(tf["global"], ref.global_bank) - gc) / gs
+                        full = upsample_and_smooth(stdm, side, 4.0)
+                        top1 = topk_mean(full, 0.01)
+                        mx = full.reshape(len(full), -1).max(1)
+                        gmax = stdm.reshape(len(gm), -1).max(1)
+                        # ring-wise standardization from leave-one-shot-out maps
+                        loo = []
+                        for i, f in enumerate(shot_feats):
+                            others = [g for j, g in enumerate(shot_feats) if j != i] if k > 1 else [{kk: v[1:] for kk, v in f.items()}]
+                            ob = np.concatenate([g["patch"].reshape(-1, g["patch"].shape[-1]) for g in others])
+                            loo.append(pool_map(f["patch"][:1], ob)[0])
+                        loo = np.stack(loo)
+                        h = gm.shape[1]
+                        rtop, rmax = ring_scores(gm, loo, 3, side)
+                        r10, r10max = ring_scores(gm, loo, max(1, round(0.1 * h)), side)
+                        r15, _ = ring_scores(gm, loo, max(1, round(0.15 * h)), side)
+                        mgp = max(1, side // 10)
+                        crop = full[:, mgp:-mgp, mgp:-mgp]
+                        ctop = topk_mean(crop, 0.01)
+                        cmax = crop.reshape(len(crop), -1).max(1)
+                        med = lower_median(full)
+                        gmed = lower_median(stdm)
+                        gmean = stdm.reshape(len(gm), -1).mean(1)
+                        stc, sts = ref.norm_of("global_stats")
+                        stats = (stats_distance(feature_stats(tf["patch"]), ref.stats_bank, ref.stats_scale) - stc) / sts
                         aggs = {"cur": top1 + 0.5 * glob, "map": top1, "max": mx, "gridmax": gmax,
                                 "cur+s1": top1 + 0.5 * glob + stats, "map+s1": top1 + stats, "max+s1": mx + stats,
                                 "map+s.5": top1 + 0.5 * stats, "stats": stats, "glob": glob, "ring": rtop, "ringmax": rmax, "ring+s1": rtop + stats, "ringmax+s1": rmax + stats,
@@ -222,11 +281,11 @@ def main():
                                 "peak+s1": top1 - med + stats, "peakmax+s1": mx - med + stats, "peak+s.5": top1 - med + 0.5 * stats}
                         rec = {"set": a.set, "prep": prep, "enc": enc, "layers": layers, "kernel": kern, "views": vs,
                                "k": k, "seed": sd, "coreset": a.coreset, "s": round(time.time() - t1, 1),
-                               "auroc": {n: auroc(labels, v.numpy()) for n, v in aggs.items()}}
+                               "auroc": {n: auroc(labels, v) for n, v in aggs.items()}}
                         types = np.array([s.defect for s in ds.test])
                         for dt in sorted(set(types) - {"good"}):
                             m = (types == "good") | (types == dt)
-                            rec.setdefault("by_type", {})[dt] = {n: auroc(labels[m], v.numpy()[m]) for n, v in aggs.items() if n in ("cur", "map", "map+s1", "ring", "r10", "r15", "r10+s1", "r10+s.5", "crop", "crop+s1")}
+                            rec.setdefault("by_type", {})[dt] = {n: auroc(labels[m], v[m]) for n, v in aggs.items() if n in ("cur", "map", "map+s1", "ring", "r10", "r15", "r10+s1", "r10+s.5", "crop", "crop+s1")}
                         out.write(json.dumps(rec) + "\n")
                         out.flush()
                         print(f"  {prep} {enc} L{layers} k{kern} {vs} k={k} s{sd}: " + " ".join(f"{n}={100*v:.1f}" for n, v in rec["auroc"].items()) + f" ({rec['s']}s)", file=sys.stderr, flush=True)
