@@ -25,8 +25,8 @@ import numpy as np
 
 from o2n_edge import __version__
 from o2n_edge.data import load_dataset
-from o2n_edge.evaluation import METRIC_KEYS, evaluate
 from o2n_edge.detection_metrics import mean_std
+from o2n_edge.evaluation import METRIC_KEYS, evaluate
 from o2n_edge.profiles import get_profile
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +37,7 @@ SHOWN = ("image_auroc", "image_ap", "pixel_auroc", "pixel_pro")
 
 
 def _pct(mu: float | None, sd: float | None = None) -> str:
+    """A fraction as percent with one decimal (± the spread when given); — for missing."""
     if mu is None:
         return "—"
     return f"{100 * mu:.1f}" if sd is None else f"{100 * mu:.1f} ± {100 * sd:.1f}"
@@ -52,10 +53,11 @@ def baseline_table(name: str) -> dict[tuple[str, int], dict]:
 
 
 def summarize(records: list[dict], base: dict, variant: str) -> tuple[list[dict], str]:
+    """Rows per (category, shots) with the baseline beside them, and their markdown table."""
     order = [c for _, _, c in SETS]
     keys = sorted({(r["category"], r["shots"]) for r in records}, key=lambda x: (order.index(x[0]), x[1]))
     lines = ["| category | shots | seeds | variant | image AUROC (v1) | image AUROC (v2) | Δ | image AP | pixel AUROC (v1) | "
-             "pixel AUROC (v2) | PRO (v1) | PRO (v2) | settings chosen (per seed) | wall s |",
+             "pixel AUROC (v2) | PRO (v1) | PRO (v2) | setting (per seed) | wall s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     rows = []
     for cat, k in keys:
@@ -67,7 +69,6 @@ def summarize(records: list[dict], base: dict, variant: str) -> tuple[list[dict]
         b = base.get((cat, k), {})
         row["baseline"] = {m: b.get(m) for m in METRIC_KEYS}
         row["settings"] = [r.get("setting", "fixed") for r in group]
-        row["pseudo_auroc"] = [r["tuning"]["pseudo_auroc"] for r in group if "tuning" in r]
         rows.append(row)
 
         def cell(d, m):
@@ -96,6 +97,7 @@ def summarize(records: list[dict], base: dict, variant: str) -> tuple[list[dict]
 
 
 def main() -> None:
+    """Run (or resume, or merge) the accuracy runs and rewrite the result files after each."""
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--name", default="accuracy_lite_v2")
     ap.add_argument("--baseline", default="accuracy_lite_v1_baseline")

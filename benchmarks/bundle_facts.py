@@ -1,5 +1,9 @@
 """What a set of bundles holds, from their verified manifests: branches, graphs and their ONNX
-validation errors, fusion weights and how they were chosen, transform settings, size.
+validation errors, fusion weights, transform settings (personalized bundles), size.
+
+Why from the manifests: they are what the device reads, so the table shows what was shipped, not
+what a profile says. Only keys every current bundle writes are read; the weights come from the
+``scoring`` section (the one the runtime scores with).
 
 Usage: python -m benchmarks.bundle_facts --bundle bundles/a --bundle bundles/b --name export_lite_v2
 """
@@ -9,12 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def facts(path: Path) -> dict:
+def facts(path: Path) -> dict[str, Any]:
+    """One bundle's row (loading it verifies every file hash first)."""
     from o2n_edge.runtime.bundle import load_bundle
 
     b = load_bundle(path)  # verifies every hash
@@ -25,30 +31,29 @@ def facts(path: Path) -> dict:
         "profile": m["profile"],
         "branches": m["scoring"]["branches"],
         "weights": m["scoring"]["weights"],
-        "fusion_selection": m.get("fusion", {}).get("selection", {}),
         "transform": m.get("transform"),
         "diffusion_image_size": m.get("diffusion_image_size"),
-        "validation_max_abs": {k: max(v["validation"].values()) for k, v in m["models"].items()},
+        "validation_max_abs": {k: max(v["validation"].values()) for k, v in m["models"].items() if v.get("validation")},
         "memory_bank_rows": m["memory_bank"]["rows"],
         "mb": round(sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6, 1),
     }
 
 
 def main() -> None:
+    """Write benchmarks/results/<name>.{json,md} for the bundles given."""
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--bundle", action="append", required=True, type=Path)
     ap.add_argument("--name", required=True)
     args = ap.parse_args()
     rows = [facts(p) for p in args.bundle]
     graphs = ["image_encoder", "vae_encoder", "unet", "vae_decoder"]
-    lines = ["| bundle | branches | weights (selection) | transform | MB | " + " | ".join(graphs) + " |",
+    lines = ["| bundle | branches | weights | transform | MB | " + " | ".join(graphs) + " |",
              "|---|---|---|---|---|" + "---|" * len(graphs)]
     for r in rows:
         t = r["transform"]
-        tr = f"strength {t['strength']}, {t['steps_run']} step, keep_low {t.get('keep_low_sigma', 0)}" if t else "none"
-        sel = r["fusion_selection"].get("method", "")
+        tr = f"strength {t.get('strength')}, {t.get('steps_run')} step" if t else "none"
         errs = [f"{r['validation_max_abs'][g]:.1e}" if g in r["validation_max_abs"] else "—" for g in graphs]
-        lines.append(f"| {r['bundle']} ({r['category']}) | {', '.join(r['branches'])} | {r['weights']} ({sel}) | {tr} | "
+        lines.append(f"| {r['bundle']} ({r['category']}) | {', '.join(r['branches'])} | {r['weights']} | {tr} | "
                      f"{r['mb']} | " + " | ".join(errs) + " |")
     md = (f"# {args.name}\n\n`python -m benchmarks.bundle_facts {' '.join('--bundle ' + str(p) for p in args.bundle)} "
           f"--name {args.name}`. Per graph: max |ONNX - torch| over the export's validation cases (batches 2 and 3 "

@@ -15,6 +15,10 @@ import argparse
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from o2n_edge.profiles import Profile
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = (ROOT / ".." / "shared" / "data").resolve()
@@ -24,25 +28,36 @@ DEFAULT_SETTINGS = ("v1 default=lite0:224:1:2-4:3:0:nodraft;"
                     "320 px=lite0:320:1:2-4:3:0;2x2 tiles of 224 (384 px)=lite0:224:2:2-4:3:0")
 
 
+def setting_profile(text: str, base: Profile) -> Profile:
+    """``base`` with a setting ``kind:size:tiles:layers:kernel:stats_weight[:nodraft]`` applied."""
+    parts = text.strip().split(":")
+    kind, size, tiles, layers, kernel, stats = parts[:6]
+    encoder = replace(base.encoder, kind=f"efficientnet_{kind}", image_size=int(size), tiles=int(tiles),
+                      layers=tuple(int(x) for x in layers.split("-")), aggregation=int(kernel))
+    draft = not (len(parts) > 6 and parts[6] == "nodraft")
+    return replace(base, encoder=encoder, stats_weight=float(stats), jpeg_draft=draft)
+
+
 def export_setting(label: str, text: str, work: Path, out_root: Path) -> Path:
+    """Export (or reuse) the shots-only tire bundle of one setting.
+
+    Why the profile table is patched for the call: a setting changes layers, kernel and tiling,
+    which ``o2n-edge export`` deliberately does not expose as options.
+    """
+    from o2n_edge import profiles
     from o2n_edge.export.build import ExportOptions, export_bundle
 
-    from benchmarks.feature_sweep import parse_candidate
-    from o2n_edge import profiles
-
-    parts = text.split(":")
-    draft = not (len(parts) > 6 and parts[6] == "nodraft")
-    cand = parse_candidate(":".join(parts[:6]))
-    lite = profiles.PROFILES["lite"]
-    fixed = replace(cand.apply(lite), self_tune=(), jpeg_draft=draft)
+    fixed = setting_profile(text, profiles.PROFILES["lite"])
     out = out_root / label.replace(" ", "_").replace("(", "").replace(")", "")
     if (out / "manifest.json").exists():
         return out
     saved = profiles.PROFILES["lite"]
     profiles.PROFILES["lite"] = fixed
     try:
+        e = fixed.encoder
         export_bundle(ExportOptions(category="tire", out=out, profile="lite", data=SHARED / "mvtec3d_rgb", shots=4,
-                                    seed=0, branches="pool", pool_size=0, work_dir=work / cand.name.split(" ")[0],
+                                    seed=0, branches="pool", pool_size=0,
+                                    work_dir=work / f"{e.kind}-{e.image_size}-{e.tiles}",
                                     progress=False, force=True))
     finally:
         profiles.PROFILES["lite"] = saved
@@ -50,6 +65,7 @@ def export_setting(label: str, text: str, work: Path, out_root: Path) -> Path:
 
 
 def main() -> None:
+    """Export every setting's bundle, time them interleaved, write the table."""
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--settings", default=DEFAULT_SETTINGS)
     ap.add_argument("--iters", type=int, default=30)
@@ -73,7 +89,7 @@ def main() -> None:
     jpegs = [jpeg_bytes(images[0])]
     runners = []
     for label, path in bundles.items():
-        r = make_runner("ort-cpu", path, 1, None, None, jpegs)
+        r = make_runner("ort-cpu", path, 1, jpegs=jpegs)
         r.name = label
         runners.append(r)
     res = run_interleaved(runners, images, args.warmup, args.iters)

@@ -4,13 +4,15 @@
 extra backend (``torch``, listed first, so every ORT row carries its score difference from it)
 and checks the speed-up target: ORT CPU >= 1.5x torch eager per image at batch 1.
 
-Why a twin and not ``o2n_edge.scoring`` + ``one_to_normal`` as they are: the baseline must run
-the *same stages on the same inputs* as the runtime and time each one under the same names
-(``vae_encode``, ``unet_step_i``, ...), or a per-stage comparison compares different work. So it
-loads the bundle's constants (memory bank, norms, noise, timesteps) and the run's torch models
-(the personalized run the bundle was exported from, the profile's encoder), and its scores are
-checked against the runtime's (``max_abs_score_diff`` in every result): a baseline that computed
-something else would show up there.
+Why a twin and not the offline evaluation path (``o2n_edge.evaluation`` + ``one_to_normal``) as
+it is: the baseline must run the *same stages on the same inputs* as the runtime and time each
+one under the same names (``vae_encode``, ``unet_step_i``, ...), or a per-stage comparison compares
+different work. So it loads the bundle's constants (memory bank, norms, noise, timesteps) and the
+run's torch models (the personalized run the bundle was exported from, the profile's encoder);
+only the models run in torch eager, the scoring is the one numpy implementation
+(``o2n_edge.runtime.scoring``) both sides share. Its scores are checked against the runtime's
+(``max_abs_score_diff_vs_ref`` in every row): a baseline that computed something else would show up
+there.
 
 Usage: python -m benchmarks.latency_vs_torch --bundle /tmp/b [--run-dir runs/export-...]
 Writes benchmarks/results/latency_<profile>.{json,md,png} (e.g. latency_tiny).
@@ -54,7 +56,7 @@ class TorchPipeline:
 
         from o2n_edge.encoders import build_encoder
         from o2n_edge.profiles import get_profile
-        from o2n_edge.scoring import Reference, ScoringConfig
+        from o2n_edge.runtime.scoring import Reference, ScoringConfig
 
         self.torch = torch
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
@@ -62,7 +64,7 @@ class TorchPipeline:
         self.manifest = m
         profile = get_profile(m["profile"])
         spec = profile.encoder
-        if "spec" in m["encoder"]:  # the bundle's own encoder settings (self-tuned ones differ from the profile's)
+        if "spec" in m["encoder"]:  # the bundle's own encoder settings (set at export, may differ from the profile's)
             from o2n_edge.profiles import EncoderSpec
 
             fields = dict(m["encoder"]["spec"])
@@ -71,21 +73,16 @@ class TorchPipeline:
         self.encoder = build_encoder(spec)
         assert int(self.encoder.input_size) == int(m["image_size"]), "bundle and profile encoders differ"
         s = m["scoring"]
-        self.config = ScoringConfig(branches=tuple(s["branches"]), weights=dict(s["weights"]),
-                                    image_size=int(s["image_size"]), topk_fraction=float(s["topk_fraction"]),
-                                    global_weight=float(s["global_weight"]),
-                                    smoothing_sigma=float(s["smoothing_sigma"]), neighborhood=int(s["neighborhood"]),
-                                    stats_weight=float(s.get("stats_weight", 0.0)),
-                                    border_fraction=float(s.get("border_fraction", 0.0)))
+        self.config = ScoringConfig.from_manifest(s)
         branches = self.config.branches
-        self.reference = Reference(
-            memory_bank=self.bundle.array("memory_bank") if "pool" in branches else np.zeros((1, 1), np.float32),
-            global_bank=self.bundle.array("global_bank") if "pool" in branches else np.zeros((1, 1), np.float32),
+        stats = self.config.stats_weight > 0
+        self.reference = Reference.from_manifest(
+            s,
+            memory_bank=self.bundle.array("memory_bank") if "pool" in branches else None,
+            global_bank=self.bundle.array("global_bank") if "pool" in branches else None,
             text_features=self.bundle.array("text_features") if "text" in branches else None,
-            norm={k: (float(v[0]), float(v[1])) for k, v in s.get("norm", {}).items()},
-            stats_bank=self.bundle.array("stats_bank") if self.config.stats_weight > 0 else None,
-            stats_scale=self.bundle.array("stats_scale") if self.config.stats_weight > 0 else None,
-            ring_norm={k: [(float(c), float(sc)) for c, sc in v] for k, v in s.get("ring_norm", {}).items()},
+            stats_bank=self.bundle.array("stats_bank") if stats else None,
+            stats_scale=self.bundle.array("stats_scale") if stats else None,
         )
         self.image_size = int(m["image_size"])
         self.uses_transform = "personalized" in branches
@@ -152,7 +149,7 @@ class TorchPipeline:
 
     def inspect_batch(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, dict[str, float]]:
         """Scores of decoded RGB images and the stage timings (ms) of the batch."""
-        from o2n_edge.scoring import score
+        from o2n_edge.runtime.scoring import score
 
         with self.torch.inference_mode():
             t_all = time.perf_counter()

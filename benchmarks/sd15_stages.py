@@ -82,7 +82,7 @@ def _write_clip_tokenizer(path: Path) -> None:
     """The real CLIP BPE tokenizer (49408 tokens), built from the vocabulary file open_clip ships."""
     import open_clip
 
-    from o2n_edge.diffusion.models import _bytes_to_unicode
+    from tests.sd15_fixtures import _bytes_to_unicode  # the byte-level alphabet; run from the repository root
 
     bpe = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
     merges = gzip.open(bpe).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
