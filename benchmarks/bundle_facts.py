@@ -5,7 +5,7 @@ Why from the manifests: they are what the device reads, so the table shows what 
 what a profile says. Only keys every current bundle writes are read; the weights come from the
 ``scoring`` section (the one the runtime scores with).
 
-Usage: python -m benchmarks.bundle_facts --bundle bundles/a --bundle bundles/b --name export_lite_v2
+Usage: python -m benchmarks.bundle_facts --bundle bundles/a --bundle bundles/b --name bundle_facts_lite
 """
 
 from __future__ import annotations

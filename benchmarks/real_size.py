@@ -15,7 +15,7 @@ Exports are cached under ``CACHE_DIR`` (never committed).
 
 Usage: python -m benchmarks.real_size [--resolution 256] [--iters 3] [--threads 1] [--taesd]
 Writes benchmarks/results/latency_real_size.{json,md} (--taesd: latency_autoencoder_tiny, the
-AutoencoderTiny encode/decode instead).
+AutoencoderTiny encode/decode instead; that one is not kept in results/, see its README).
 """
 
 from __future__ import annotations
