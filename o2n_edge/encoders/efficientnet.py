@@ -93,8 +93,8 @@ def aggregate(x: torch.Tensor, kernel: int) -> torch.Tensor:
 def compose_patch(stage_maps: dict[int, torch.Tensor], layers: tuple[int, ...], kernel: int) -> torch.Tensor:
     """Stage maps (B,C,h,w) -> (B,h0,w0,sum C): aggregated, resized to the finest grid, concatenated.
 
-    Shared by :meth:`EfficientNetLiteEncoder.forward` and the self-tuning sweep (which runs the
-    trunk once and composes many layer/kernel settings from its maps), so both see one maths.
+    Shared by :meth:`EfficientNetLiteEncoder.forward` and the scoring sweep in benchmarks/ (which
+    runs the trunk once and composes many layer/kernel settings from its maps), so both see one maths.
     """
     maps = [aggregate(stage_maps[i], kernel) for i in layers]
     h, w = int(maps[0].shape[2]), int(maps[0].shape[3])
