@@ -68,8 +68,8 @@ def producing_versions(packages: tuple[str, ...] = VERSION_PACKAGES) -> dict[str
     return out
 
 
-def _json_default(obj: Any) -> Any:
-    """numpy scalars/arrays and paths in manifests become plain JSON."""
+def json_default(obj: Any) -> Any:
+    """numpy scalars/arrays and paths in manifests become plain JSON (``json.dumps(default=...)``)."""
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, np.ndarray):
@@ -164,7 +164,7 @@ class BundleWriter:
     def add_json(self, name: str, obj: Mapping[str, Any]) -> Path:
         """Write an auxiliary JSON file (hashed like every other file)."""
         target = self.path(name)  # inside the staged dir: the rename of the whole bundle is the atomic step
-        target.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default))
+        target.write_text(json.dumps(obj, indent=2, sort_keys=True, default=json_default))
         return target
 
     def write_manifest(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
@@ -194,7 +194,7 @@ class BundleWriter:
         out["files"] = files
         out["versions"] = {**dict(out.get("versions", {})), **producing_versions()}
         # Round-trip through JSON first so the digest is computed on exactly what is read back.
-        out = json.loads(json.dumps(out, default=_json_default, allow_nan=False))
+        out = json.loads(json.dumps(out, default=json_default, allow_nan=False))
         out[DIGEST_KEY] = manifest_digest(out)
         typed = BundleManifest.from_dict(out)  # BundleError naming the key: nothing is written
         (self.tmp_dir / MANIFEST_NAME).write_text(manifest_json(typed), encoding="utf-8")

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from o2n_edge._lazy import require
+from o2n_edge.atomic import atomic_write_text
 from o2n_edge.runtime.engine_cache import model_digest
 
 from .bundle_writer import producing_versions
@@ -268,7 +269,11 @@ def _export_in(
 
 
 def _commit(tmp: Path, out: Path, report: ExportReport) -> None:
-    """Move the graph (data first) into place, drop a stale data file, write the sidecar last."""
+    """Move the graph (data first) into place, drop a stale data file, write the sidecar last.
+
+    The graph files are complete in ``tmp`` already, so moving them is a rename each; the
+    sidecar, written atomically last, is what marks the output current.
+    """
     side = sidecar_path(out)
     side.unlink(missing_ok=True)  # from here until the end the old output is not "current"
     data = out.with_name(out.name + ".data")
@@ -277,6 +282,4 @@ def _commit(tmp: Path, out: Path, report: ExportReport) -> None:
     else:
         data.unlink(missing_ok=True)
     os.replace(tmp / out.name, out)
-    side_tmp = tmp / side.name
-    side_tmp.write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True))
-    os.replace(side_tmp, side)
+    atomic_write_text(side, json.dumps(report.to_dict(), indent=2, sort_keys=True))

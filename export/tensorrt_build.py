@@ -22,14 +22,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from o2n_edge.atomic import atomic_write_bytes
 from o2n_edge.runtime.bundle import ENGINES_DIR, load_bundle
+from o2n_edge.runtime.manifest import ModelEntry
 from o2n_edge.runtime.providers import ort_tensorrt_provider_options  # noqa: F401 - re-exported here
 from o2n_edge.runtime.engine_cache import (
     EngineKey,
@@ -153,7 +154,7 @@ def check_tensorrt(device: int = 0) -> tuple[Any, tuple[str, str]]:
 
 
 def profiles_for(
-    entry: Mapping[str, Any],
+    entry: ModelEntry,
     batch_range: tuple[int, int, int] | None = None,
 ) -> tuple[dict[str, dict[str, list[int]]], ...]:
     """Optimization profiles of a manifest model entry, optionally with a new batch range.
@@ -161,7 +162,7 @@ def profiles_for(
     A new ``(min, opt, max)`` batch replaces axis 0 of every input (the batch axis: only axis
     0 is dynamic in our graphs); other dims keep the exported resolution.
     """
-    profiles = entry.get("trt_profiles") or []
+    profiles = entry.trt_profiles or []
     if not profiles:
         raise ValueError("model entry has no trt_profiles; re-export the bundle")
     if batch_range is not None:
@@ -272,10 +273,7 @@ def build_engine(
                       "strongly_typed": recipe.strongly_typed, "graph_precision": graph_precision,
                       "workspace_gb": workspace_gb, "built_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
     if timing_cache is not None and cache is not None:
-        tc = Path(timing_cache)
-        tmp = tc.with_name(f".{tc.name}.tmp-{os.getpid()}")
-        tmp.write_bytes(memoryview(config.get_timing_cache().serialize()).tobytes())
-        os.replace(tmp, tc)
+        atomic_write_bytes(Path(timing_cache), memoryview(config.get_timing_cache().serialize()).tobytes())
     return build_s
 
 
@@ -293,14 +291,14 @@ def build_engines(
 ) -> dict[str, EngineReport]:
     """Build (or reuse) one plan per model of a verified bundle; returns a report per model.
 
-    ``precision`` defaults to the bundle's own (``manifest["precision"]``): on TensorRT 11 the
+    ``precision`` defaults to the bundle's own (the manifest's ``precision``): on TensorRT 11 the
     engine cannot differ from the graph. ``cache_dir`` defaults to ``<bundle>/engines`` (ignored by bundle verification),
     ``timing_cache`` to :func:`timing_cache_path` (keyed by TensorRT version and compute
     capability); ``batch_range`` overrides the exported
     profiles' batch axis; ``force`` rebuilds even when a matching plan exists.
     """
     bundle = load_bundle(bundle_dir)  # refuses a bundle whose hashes do not match
-    graph_precision = str(bundle.manifest.get("precision", "fp32"))
+    graph_precision = bundle.manifest_data.precision or "fp32"
     precision = precision or graph_precision
     if precision not in PRECISION_FLAGS:
         raise ValueError(f"precision must be one of {sorted(PRECISION_FLAGS)}, got {precision!r}")
@@ -309,13 +307,14 @@ def build_engines(
     cache = Path(cache_dir) if cache_dir is not None else bundle.path / ENGINES_DIR
     cache.mkdir(parents=True, exist_ok=True)
     tcache = Path(timing_cache) if timing_cache is not None else timing_cache_path(cache, trt.__version__, cc)
-    names = list(models) if models is not None else sorted(bundle.models)
+    described = bundle.manifest_data.models or {}
+    names = list(models) if models is not None else sorted(described)
     jetpack = jetpack_version()
     reports: dict[str, EngineReport] = {}
     for i, name in enumerate(names, 1):
-        if name not in bundle.models:
-            raise KeyError(f"bundle has no model {name!r} (has {sorted(bundle.models)})")
-        entry = bundle.models[name]
+        if name not in described:
+            raise KeyError(f"bundle has no model {name!r} (has {sorted(described)})")
+        entry = described[name]
         onnx_path = bundle.model_path(name)
         key = engine_key(
             model_digest(onnx_path), PRECISION_FLAGS[precision], profiles_for(entry, batch_range),

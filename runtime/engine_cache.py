@@ -18,13 +18,14 @@ import ctypes
 import hashlib
 import importlib
 import json
-import os
 import re
 import subprocess
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from o2n_edge.atomic import atomic_write_bytes
 
 from .bundle import sha256_file
 
@@ -161,18 +162,11 @@ def sidecar_path(plan: str | Path) -> Path:
     return plan.with_name(plan.name + SIDECAR_SUFFIX)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temp file + rename so a crash never leaves a truncated plan/sidecar."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def write_plan(plan: str | Path, data: bytes, key: EngineKey, extra: Mapping[str, Any] | None = None) -> Path:
     """Write a plan then its sidecar (sidecar last: it is the 'complete' marker)."""
     plan = Path(plan)
     plan.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(plan, bytes(data))
+    atomic_write_bytes(plan, bytes(data))  # whole or not at all: a crash never leaves a truncated plan
     side = {
         "key": key.to_dict(),
         "key_digest": key.digest(),
@@ -180,7 +174,7 @@ def write_plan(plan: str | Path, data: bytes, key: EngineKey, extra: Mapping[str
         "plan_bytes": len(data),
         **dict(extra or {}),
     }
-    _atomic_write_bytes(sidecar_path(plan), json.dumps(side, indent=2, sort_keys=True).encode())
+    atomic_write_bytes(sidecar_path(plan), json.dumps(side, indent=2, sort_keys=True).encode())
     return plan
 
 

@@ -90,6 +90,15 @@ def _expected(types: tuple[type, ...]) -> str:
 
 
 S = TypeVar("S", bound="Section")
+T = TypeVar("T")
+
+
+def need(value: T | None, key: str) -> T:
+    """``value``, else a :class:`BundleError` naming ``key``: most keys are optional (they depend
+    on the branches), and a reader that needs one must fail naming it, not on None."""
+    if value is None:
+        raise BundleError(f"{MANIFEST_NAME} has no {key!r}: re-export the bundle with this o2n-edge version")
+    return value
 
 
 @dataclass(kw_only=True)
@@ -123,6 +132,16 @@ class Section:
             kwargs[f.name] = _parse_value(f.metadata, data[f.name], path, problems)
         other = {k: v for k, v in data.items() if k not in declared}
         return cls(**kwargs, other=other, present=frozenset(k for k in declared if k in data))
+
+    @classmethod
+    def from_mapping(cls: type[S], data: Any, where: str = "") -> S:
+        """Parse a producer's plain dict (the encoder's facts, a graph's entry); :class:`BundleError`
+        listing every problem, so the exporter fails on the workstation, naming the key."""
+        problems: list[str] = []
+        parsed = cls.parse(data, where, problems)
+        if parsed is None or problems:
+            raise BundleError(f"invalid manifest section {where or cls.__name__}:\n  " + "\n  ".join(problems))
+        return parsed
 
     def to_dict(self) -> dict[str, Any]:
         """The plain JSON dict: exactly the keys and values it was parsed from (fresh containers)."""

@@ -28,6 +28,7 @@ from o2n_edge.data.preprocess import preprocess_numpy, resize_uint8
 from o2n_edge.data.tiling import TileLayout, split_tiles, stitch_outputs
 from o2n_edge.runtime.bank_search import NearestSearch, NumpyBankSearch, OrtBankSearch
 from o2n_edge.runtime.bundle import Bundle, load_bundle
+from o2n_edge.runtime.manifest import need
 from o2n_edge.runtime.scheduler import NumpyLCMScheduler
 from o2n_edge.runtime.scoring import Reference, Scorer, ScoringConfig
 from o2n_edge.runtime.types import InspectResult
@@ -116,45 +117,48 @@ class OrtPipeline:
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         self.options = options or SessionOptions()
         self.session_factory = session_factory
-        m = self.bundle.manifest
-        self.manifest = m
-        self.bundle_hash = str(m["manifest_sha256"])
-        self.params = ScoringConfig.from_manifest(m["scoring"])
-        self.image_size = int(m["image_size"])
-        self.threshold = float(m["threshold"]["value"])
-        enc = m["encoder"]
-        self.mean, self.std = tuple(enc["mean"]), tuple(enc["std"])
-        self.encoder_outputs = tuple(enc["output_names"])
-        tiling = enc.get("tiling") or {"tile": self.image_size, "tiles": 1, "step": 0}
+        md = self.bundle.manifest_data
+        self.manifest = self.bundle.manifest  # the plain dict, for callers that report it
+        self.bundle_hash = str(md.manifest_sha256)
+        self.params = ScoringConfig.from_manifest(need(md.scoring, "scoring"))
+        self.image_size = int(need(md.image_size, "image_size"))
+        self.threshold = float(need(md.threshold, "threshold").value)
+        enc = need(md.encoder, "encoder")
+        self.mean, self.std = tuple(need(enc.mean, "encoder.mean")), tuple(need(enc.std, "encoder.std"))
+        self.encoder_outputs = tuple(need(enc.output_names, "encoder.output_names"))
+        tiling = enc.tiling or {"tile": self.image_size, "tiles": 1, "step": 0}
         self.layout = TileLayout(int(tiling["tile"]), int(tiling["tiles"]), int(tiling["step"]))
         assert self.layout.side == self.image_size, "the manifest's tiling does not cover its image size"
-        self.jpeg_draft = bool(m.get("decode", {}).get("jpeg_draft", False))
+        self.jpeg_draft = bool(md.decode.jpeg_draft) if md.decode is not None else False
         self.sessions: dict[str, object] = {"image_encoder": self._session("image_encoder")}
         self.providers = self.sessions["image_encoder"].get_providers()  # type: ignore[attr-defined]
         self.uses_transform = "personalized" in self.params.branches
         if self.uses_transform:
             for name in ("vae_encoder", "unet", "vae_decoder"):
                 self.sessions[name] = self._session(name)
-            t = m["transform"]
-            self.diffusion_size = int(m["diffusion_image_size"])
-            self.scheduler_config = m["scheduler"]
-            self.steps, self.strength = int(t["steps"]), float(t["strength"])
-            if float(t.get("keep_low_sigma", 0.0)):  # bundles of the removed CPU diffusion transform
+            t = need(md.transform, "transform")
+            self.diffusion_size = int(need(md.diffusion_image_size, "diffusion_image_size"))
+            self.scheduler_config = need(md.scheduler, "scheduler")
+            self.steps = int(need(t.steps, "transform.steps"))
+            self.strength = float(need(t.strength, "transform.strength"))
+            if float(t.keep_low_sigma or 0.0):  # bundles of the removed CPU diffusion transform
                 raise ValueError(f"{self.bundle.path} runs the "
                                  "removed lite diffusion transform: export it again (lite is now the "
                                  "memory-bank detector; --profile tiny or sd15 run the transform)")
             sched = NumpyLCMScheduler.from_config(self.scheduler_config)
             self.timesteps = sched.set_timesteps(self.steps, strength=self.strength)
-            assert [int(x) for x in self.timesteps] == [int(x) for x in t["timesteps"]], "scheduler tables disagree with the manifest's timesteps"
+            want = [int(x) for x in need(t.timesteps, "transform.timesteps")]
+            assert [int(x) for x in self.timesteps] == want, "scheduler tables disagree with the manifest's timesteps"
             self.prompt_embeds = self.bundle.array("prompt_embeds").astype(np.float32)
             # init noise + one per intermediate step, drawn at export time (torch's generator)
             self.noises = list(self.bundle.array("transform_noise").astype(np.float32))
             assert len(self.noises) == len(self.timesteps), "transform_noise.npy does not match the steps"
-            self.timestep_dtype = np.int64 if m["models"]["unet"]["inputs"]["timestep"]["dtype"] == "int64" else np.float32
+            timestep = need(md.model("unet").inputs, "models.unet.inputs")["timestep"]
+            self.timestep_dtype = np.int64 if timestep.dtype == "int64" else np.float32
         pool = "pool" in self.params.branches
         stats = self.params.stats_weight > 0
         reference = Reference.from_manifest(
-            m["scoring"],
+            need(md.scoring, "scoring"),
             memory_bank=self.bundle.array("memory_bank") if pool else None,
             global_bank=self.bundle.array("global_bank") if pool else None,
             text_features=self.bundle.array("text_features") if "text" in self.params.branches else None,
@@ -187,7 +191,7 @@ class OrtPipeline:
             from o2n_edge.runtime.providers import tensorrt_session_options
 
             # engine + timing caches beside the bundle's engines, its shape profile, its precision
-            trt = tensorrt_session_options(self.bundle.path, self.manifest, name)
+            trt = tensorrt_session_options(self.bundle.path, self.bundle.manifest_data, name)
             model_options = {"TensorrtExecutionProvider": {**trt, **self.options.provider_options.get(
                 "TensorrtExecutionProvider", {})}}
         return _make_session(self.bundle.model_path(name), self.options, self.bundle.ort_disabled_optimizers(name),

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from o2n_edge.runtime.manifest import BundleManifest
+
 DEFAULT_WORKSPACE_GB = 4.0
 ORT_TRT_CACHE = "ort-trt"  # under the bundle's engines/ (ignored by bundle verification)
 ORT_TRT_ENGINE_SUFFIX = ".engine"  # what the TensorRT EP writes into its engine cache folder
@@ -92,7 +94,7 @@ def ort_tensorrt_provider_options(
     return providers
 
 
-def tensorrt_session_options(bundle_path: str | Path, manifest: Mapping[str, Any], name: str,
+def tensorrt_session_options(bundle_path: str | Path, manifest: BundleManifest, name: str,
                              device_id: int = 0) -> dict[str, Any]:
     """The TensorRT EP's options for model ``name`` of a bundle (caches beside its engines).
 
@@ -102,11 +104,10 @@ def tensorrt_session_options(bundle_path: str | Path, manifest: Mapping[str, Any
     which model the EP really took (an EP that took zero nodes writes no engine); the timing
     cache is shared.
     """
-    entry = manifest.get("models", {}).get(name, {})
-    profiles = entry.get("trt_profiles") or []
+    profiles = manifest.model(name).trt_profiles or []
     cache = Path(bundle_path) / "engines" / ORT_TRT_CACHE
     providers = ort_tensorrt_provider_options(ort_trt_engine_dir(bundle_path, name),
-                                              fp16=manifest.get("precision") == "fp16", device_id=device_id,
+                                              fp16=manifest.precision == "fp16", device_id=device_id,
                                               profile=profiles[0] if profiles else None, fallback=(),
                                               timing_cache_dir=cache)
     return providers[0][1]

@@ -154,5 +154,5 @@ def native_session(bundle, name: str) -> TrtSession | None:  # noqa: ANN001 - a 
     if not plans:
         log.warning("no valid TensorRT plan for %s in %s (run o2n-edge build-engines on this device)", name, bundle.engines_dir)
         return None
-    outputs = list(bundle.models.get(name, {}).get("outputs", {}))  # the graph's output order
+    outputs = list(bundle.model_entry(name).outputs or {})  # the graph's output order
     return TrtSession(plans[0][0], output_order=outputs or None)

@@ -21,6 +21,7 @@ from o2n_edge.runtime.bundle import (
     verify_bundle,
 )
 from o2n_edge.runtime import engine_cache as ec
+from o2n_edge.runtime.manifest import ModelEntry
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -300,5 +301,5 @@ def test_tensorrt_unavailable_is_clear(bundle: Path) -> None:
     assert opts["trt_engine_cache_enable"] and opts["trt_fp16_enable"]
     assert providers[-1] == "CPUExecutionProvider"
     # profiles_for: a new batch range replaces axis 0 only
-    (p,) = tb.profiles_for({"trt_profiles": [PROFILE]}, batch_range=(2, 4, 8))
+    (p,) = tb.profiles_for(ModelEntry(trt_profiles=[PROFILE]), batch_range=(2, 4, 8))
     assert p["sample"] == {"min": [2, 4, 8, 8], "opt": [4, 4, 8, 8], "max": [8, 4, 8, 8]}

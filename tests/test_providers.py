@@ -11,6 +11,7 @@ import pytest
 
 from o2n_edge.runtime import pipeline as pl
 from o2n_edge.runtime import providers as pv
+from o2n_edge.runtime.manifest import BundleManifest, ModelEntry
 
 PROFILE = {"sample": {"min": [1, 4, 32, 32], "opt": [1, 4, 32, 32], "max": [4, 4, 32, 32]},
            "timestep": {"min": [1], "opt": [1], "max": [4]}}
@@ -71,7 +72,7 @@ def test_tensorrt_backend_passes_caches_profile_and_precision(tmp_path: Path, mo
                              ort_disabled_optimizers=lambda n: [])
     pipe = pl.OrtPipeline.__new__(pl.OrtPipeline)
     pipe.bundle, pipe.options = bundle, pl.SessionOptions(backend="tensorrt")
-    pipe.manifest = {"precision": "fp16", "models": {"unet": {"trt_profiles": [PROFILE]}}}
+    bundle.manifest_data = BundleManifest(precision="fp16", models={"unet": ModelEntry(trt_profiles=[PROFILE])})
     pipe._session("unet")
     (trt_name, opts), (cuda_name, _), (cpu_name, _) = seen["providers"]
     assert (trt_name, cuda_name, cpu_name) == ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -86,7 +87,7 @@ def test_tensorrt_backend_passes_caches_profile_and_precision(tmp_path: Path, mo
     assert opts["trt_profile_min_shapes"] == "sample:1x4x32x32,timestep:1"
     assert opts["trt_profile_max_shapes"] == "sample:4x4x32x32,timestep:4"
     # an fp32 bundle runs fp32; a user override wins
-    pipe.manifest = {"precision": "fp32", "models": {"unet": {"trt_profiles": [PROFILE]}}}
+    bundle.manifest_data = BundleManifest(precision="fp32", models={"unet": ModelEntry(trt_profiles=[PROFILE])})
     pipe.options = pl.SessionOptions(backend="tensorrt", provider_options={
         "TensorrtExecutionProvider": {"trt_max_workspace_size": 1 << 30}})
     pipe._session("unet")

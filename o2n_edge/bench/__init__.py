@@ -57,7 +57,7 @@ def bench_main(bundle: Path, backends: list[str], precision: list[str], batch: l
         results.append(bench_bundle(Path(bundle), list(backends), list(batch), warmup, iters, threads,
                                     extra_runners=extra_runners))
     if "fp16" in precision:
-        prec = load_bundle(bundle).manifest.get("precision")
+        prec = load_bundle(bundle).manifest_data.precision
         if prec != "fp16":
             results.append({"kind": "note", "profile": "fp16", "rows": [{"backend": "ort-cpu", "status": UNAVAILABLE,
                             "reason": f"the bundle is {prec}: export with --precision fp16 (fp16 pays off on GPUs)"}]})

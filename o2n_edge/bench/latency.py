@@ -200,7 +200,7 @@ def bench_bundle(bundle: Path, backends: list[str], batches: list[int], warmup: 
     from o2n_edge.runtime.bundle import load_bundle
 
     set_threads(threads)
-    extra_runners, manifest = extra_runners or {}, load_bundle(bundle).manifest
+    extra_runners, manifest = extra_runners or {}, load_bundle(bundle).manifest_data
     rows: list[dict[str, Any]] = []
     available: list[str] = []
     for b in backends:
@@ -226,10 +226,10 @@ def bench_bundle(bundle: Path, backends: list[str], batches: list[int], warmup: 
             if memory:
                 row["memory"] = peak_rss_probe(r.name, bundle, batch, threads, extra_runners.get(r.name))
             rows.append(row)
-    return {"kind": "bundle_latency", "bundle": str(bundle), "profile": manifest["profile"],
-            "category": manifest["category"], "image_size": manifest["image_size"],
-            "diffusion_image_size": manifest.get("diffusion_image_size"), "steps_run": manifest.get("steps_run"),
-            "branches": manifest["scoring"]["branches"], "source_image_side": SOURCE_SIDE, "reference": reference,
+    return {"kind": "bundle_latency", "bundle": str(bundle), "profile": manifest.profile,
+            "category": manifest.category, "image_size": manifest.image_size,
+            "diffusion_image_size": manifest.diffusion_image_size, "steps_run": manifest.steps_run,
+            "branches": list(manifest.branches), "source_image_side": SOURCE_SIDE, "reference": reference,
             "overrides": {k: str(v) for k, v in (overrides or {}).items()}, "rows": rows}
 
 

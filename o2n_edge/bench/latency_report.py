@@ -8,10 +8,10 @@ written atomically so an interrupted benchmark never leaves half a result.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from o2n_edge.atomic import atomic_write_text
 from o2n_edge.bench.env import load_average
 
 NOT_PLOTTED = ("total", "model_ms", "decode_jpeg", "encode_answer")  # sums or I/O, not pipeline stages
@@ -19,11 +19,7 @@ NOT_PLOTTED = ("total", "model_ms", "decode_jpeg", "encode_answer")  # sums or I
 
 def write_text(path: Path, text: str) -> Path:
     """Atomic text write: an interrupted benchmark leaves the previous file, never half a new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, text)
 
 
 def write_json(path: Path, doc: dict[str, Any]) -> Path:

@@ -31,9 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -41,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 
 from o2n_edge._lazy import require
+from o2n_edge.atomic import AtomicDir, atomic_open, atomic_path, atomic_write_json
 from o2n_edge.profiles import DiffusionSpec
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -138,20 +136,8 @@ class RunDir:
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> Path:
-    """Write JSON via a temp file in the same dir + rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, sort_keys=False, default=_json_default)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write JSON (numpy values allowed) whole or not at all, so readers never see half a file."""
+    return atomic_write_json(path, data, indent=2, sort_keys=False, default=_json_default)
 
 
 def _json_default(obj: Any) -> Any:
@@ -165,48 +151,26 @@ def _json_default(obj: Any) -> Any:
 
 
 def save_npy_atomic(path: Path, array: np.ndarray) -> Path:
-    """``np.save`` to a temp name + rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
-    return path
+    """``np.save`` whole or not at all (written through a handle: no ``.npy`` is appended)."""
+    with atomic_open(path, "wb") as fh:
+        np.save(fh, array)
+    return Path(path)
 
 
 def torch_save_atomic(obj: Any, path: Path) -> Path:
-    """``torch.save`` to a temp name + rename (checkpoints survive a kill mid-write)."""
+    """``torch.save`` whole or not at all (checkpoints survive a kill mid-write)."""
     torch = require("torch", "checkpoints")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
 
 
-@contextlib.contextmanager
-def atomic_dir(path: Path) -> Iterator[Path]:
-    """Yield a temp dir next to ``path``; on success it replaces ``path`` (old one removed).
+def atomic_dir(path: Path) -> AtomicDir:
+    """``with atomic_dir(path) as tmp``: a temp dir next to ``path`` that replaces it on success.
 
     On an exception the temp dir is removed and ``path`` is left as it was.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if path.exists():
-        old = path.with_name(f".{path.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    return AtomicDir(path)
 
 
 def prune_checkpoints(rd: RunDir, keep: int = KEEP_CHECKPOINTS) -> None:

@@ -28,12 +28,13 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from o2n_edge.atomic import AtomicDir
 from o2n_edge.runtime.bundle import ENGINES_DIR, MANIFEST_NAME, Bundle, load_bundle
+from o2n_edge.runtime.manifest import ModelEntry, TensorSpec, need
 from o2n_edge.triton import config as cfg
 from o2n_edge.triton.python_models import (
     BUNDLE_DIR,
@@ -97,12 +98,12 @@ def _dims(shape: list[Any], batched: bool) -> list[int]:
     return dims
 
 
-def _tensor(name: str, spec: dict[str, Any], batched: bool) -> dict[str, Any]:
-    dtype = spec["dtype"]
+def _tensor(name: str, spec: TensorSpec, batched: bool) -> dict[str, Any]:
+    dtype = spec.dtype
     if dtype not in cfg.TRITON_DTYPES:
         raise ValueError(f"tensor {name!r}: dtype {dtype!r} has no Triton type")
     out: dict[str, Any] = {"name": name, "data_type": cfg.TRITON_DTYPES[dtype]}
-    dims = _dims(list(spec["shape"]), batched)
+    dims = _dims(list(spec.shape or []), batched)
     if not dims:  # a per-sample scalar (e.g. the UNet's timestep): Triton needs dims [1]
         out["dims"] = [1]
         out["reshape"] = {"shape": []}
@@ -111,16 +112,16 @@ def _tensor(name: str, spec: dict[str, Any], batched: bool) -> dict[str, Any]:
     return out
 
 
-def _batched(entry: dict[str, Any]) -> bool:
+def _batched(entry: ModelEntry) -> bool:
     """Whether every tensor's first axis is the symbolic batch axis (so Triton may batch)."""
-    tensors = list(entry["inputs"].values()) + list(entry["outputs"].values())
-    return all(t["shape"] and t["shape"][0] == BATCH_SYMBOL for t in tensors)
+    tensors = list((entry.inputs or {}).values()) + list((entry.outputs or {}).values())
+    return all(t.shape and t.shape[0] == BATCH_SYMBOL for t in tensors)
 
 
-def _profile_max_batch(entry: dict[str, Any]) -> int | None:
+def _profile_max_batch(entry: ModelEntry) -> int | None:
     """The largest batch the graph's TensorRT profiles (from its export spec) allow."""
     best = None
-    for profile in entry.get("trt_profiles") or []:
+    for profile in entry.trt_profiles or []:
         for shapes in profile.values():
             mx = shapes.get("max")
             if mx:
@@ -156,7 +157,7 @@ def _link_or_copy(src: Path, dst: Path) -> bool:
 def _place_bundle(bundle: Bundle, dst: Path) -> bool:
     """The bundle's manifest, listed files and engines under ``dst``; True when all linked."""
     linked = True
-    names = [MANIFEST_NAME, *bundle.manifest["files"]]
+    names = [MANIFEST_NAME, *bundle.manifest_data.files]
     for name in names:
         linked &= _link_or_copy(bundle.path / name, dst / name)
     engines = bundle.engines_dir
@@ -184,8 +185,8 @@ def _plan_for(bundle: Bundle, graph: str) -> tuple[Path, int | None] | None:
 class _Writer:
     def __init__(self, bundle: Bundle, root: Path, opts: RepositoryOptions) -> None:
         self.bundle, self.root, self.opts = bundle, root, opts
-        self.manifest = bundle.manifest
-        self.bundle_hash = str(self.manifest["manifest_sha256"])
+        self.manifest = bundle.manifest_data
+        self.bundle_hash = str(self.manifest.manifest_sha256)
         self.summary = RepositorySummary(path=root, bundle_hash=self.bundle_hash)
         self.texts: dict[str, str] = {}
 
@@ -195,8 +196,8 @@ class _Writer:
     def common_parameters(self, extra: dict[str, str] | None = None) -> list[dict[str, Any]]:
         values = {
             PARAM_BUNDLE_HASH: self.bundle_hash,
-            "category": str(self.manifest.get("category", "")),
-            "profile": str(self.manifest.get("profile", "")),
+            "category": str(self.manifest.category or ""),
+            "profile": str(self.manifest.profile or ""),
             **(extra or {}),
         }
         return cfg.parameters(values)
@@ -210,7 +211,7 @@ class _Writer:
         self.summary.configs[model] = config
 
     def graph(self, graph: str, max_batch: int) -> None:
-        entry = self.manifest["models"][graph]
+        entry = need(self.manifest.models, "models")[graph]
         model = self.model_name(graph)
         version = self.root / model / VERSION
         batched = _batched(entry)
@@ -242,8 +243,8 @@ class _Writer:
             (version / "model.py").write_text(MODEL_PY.format(cls="GraphModel"), encoding="utf-8")
             kind = "python"
         config["max_batch_size"] = max_batch if batched else 0
-        config["input"] = [_tensor(n, s, batched) for n, s in entry["inputs"].items()]
-        config["output"] = [_tensor(n, s, batched) for n, s in entry["outputs"].items()]
+        config["input"] = [_tensor(n, s, batched) for n, s in need(entry.inputs, f"models.{graph}.inputs").items()]
+        config["output"] = [_tensor(n, s, batched) for n, s in need(entry.outputs, f"models.{graph}.outputs").items()]
         if batched:
             config["dynamic_batching"] = _dynamic_batching(max_batch, self.opts)
         config["instance_group"] = _instance_group(self.opts, gpu_only=kind == "tensorrt_plan")
@@ -259,7 +260,7 @@ class _Writer:
         version = self.root / model / VERSION
         self.summary.linked &= _place_bundle(self.bundle, version / BUNDLE_DIR)
         (version / "model.py").write_text(MODEL_PY.format(cls=cls), encoding="utf-8")
-        size = int(self.manifest["image_size"])
+        size = int(need(self.manifest.image_size, "image_size"))
         config = {
             "name": model,
             "backend": "python",
@@ -279,7 +280,7 @@ class _Writer:
             "parameters": self.common_parameters({
                 PARAM_BACKEND: "cuda" if self.opts.device == "gpu" else "cpu",
                 PARAM_THREADS: str(self.opts.threads),
-                "threshold": repr(float(self.manifest["threshold"]["value"])),
+                "threshold": repr(float(need(self.manifest.threshold, "threshold").value)),
                 "image_size": str(size),
                 **extra,
             }),
@@ -287,8 +288,9 @@ class _Writer:
         self.write_config(model, config, "python")
 
     def write(self) -> RepositorySummary:
-        graphs = list(self.manifest.get("models", {}))
-        limits = [m for g in graphs if (m := _profile_max_batch(self.manifest["models"][g]))]
+        described = self.manifest.models or {}
+        graphs = list(described)
+        limits = [m for g in graphs if (m := _profile_max_batch(described[g]))]
         max_batch = self.opts.max_batch or (min(limits) if limits else FALLBACK_MAX_BATCH)
         self.summary.max_batch = max_batch
         self.inspect_model("inspect", "InspectModel", max_batch, {})
@@ -317,19 +319,7 @@ def write_repository(bundle_path: str | Path, out: str | Path, opts: RepositoryO
     out = Path(out).resolve()
     if out.exists() and not opts.force:
         raise FileExistsError(f"{out} exists (pass --force to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with AtomicDir(out) as tmp:  # an existing repository is swapped out only once this one is complete
         summary = _Writer(bundle, tmp, opts).write()
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.replace(out, old / "repo")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     summary.path = out
     return summary
