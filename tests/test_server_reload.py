@@ -199,3 +199,36 @@ def test_reload_without_any_path_is_a_clear_error(tmp_path: Path, body: dict | N
         client = TestClient(create_app(load_fake_bundle(a), log, admin_token=ADMIN, loader=load_fake_bundle))
         resp = client.post("/v1/admin/reload", json=body, headers={"Authorization": f"Bearer {ADMIN}"})
     assert resp.status_code == 422 and "no bundle path" in resp.json()["detail"]
+
+
+def test_serve_cli_wires_keep_reload_and_admin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`o2n-edge serve` hands run_server the store, the admin token, its bundle path and a loader."""
+    from typer.testing import CliRunner
+
+    import o2n_edge.cli.runtime_cmds as cmds
+    import o2n_edge.runtime.server as server
+    from o2n_edge.cli import app
+    from o2n_edge.runtime.image_store import ImageStore
+
+    a, ha, b, hb = bundles(tmp_path)
+    opened: list[tuple[Path, str, int]] = []
+
+    def fake_open(bundle: Path, backend: str, threads: int):
+        opened.append((bundle, backend, threads))
+        return load_fake_bundle(bundle)
+
+    seen: dict = {}
+    monkeypatch.setattr(cmds, "open_pipeline", fake_open)
+    monkeypatch.setattr(server, "run_server", lambda inspector, log_path, **kw: seen.update(kw, inspector=inspector))
+    res = CliRunner().invoke(app, [
+        "serve", "--bundle", str(a), "--log", str(tmp_path / "log.db"), "--threads", "2",
+        "--admin-token", ADMIN, "--keep-images", str(tmp_path / "kept"),
+        "--keep-max-files", "7", "--keep-max-bytes", "12345",
+    ])
+    assert res.exit_code == 0, res.output
+    assert seen["inspector"].bundle_hash == ha and seen["admin_token"] == ADMIN
+    assert seen["bundle_path"] == a
+    store = seen["store"]
+    assert isinstance(store, ImageStore) and (store.max_files, store.max_bytes) == (7, 12345)
+    assert store.directory == tmp_path / "kept"
+    assert seen["loader"](b).bundle_hash == hb and opened[-1] == (b, "cpu", 2)
