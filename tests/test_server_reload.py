@@ -232,3 +232,61 @@ def test_serve_cli_wires_keep_reload_and_admin(tmp_path: Path, monkeypatch: pyte
     assert isinstance(store, ImageStore) and (store.max_files, store.max_bytes) == (7, 12345)
     assert store.directory == tmp_path / "kept"
     assert seen["loader"](b).bundle_hash == hb and opened[-1] == (b, "cpu", 2)
+
+
+_SERVE = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from pathlib import Path
+from fakes import load_fake_bundle
+from o2n_edge.runtime.results_log import ResultsLog
+from o2n_edge.runtime.server import serve
+bundle = Path(sys.argv[2])
+with ResultsLog(sys.argv[3]) as log:
+    serve(load_fake_bundle(bundle), log, port=int(sys.argv[4]), bundle_path=bundle,
+          loader=load_fake_bundle, log_level="warning")
+"""
+
+
+def test_sighup_reloads_a_running_serve_process(tmp_path: Path) -> None:
+    """`serve` in its own process: SIGHUP swaps the bundle at its start path, SIGTERM still stops it."""
+    import socket
+    import subprocess
+    import sys
+
+    a, ha, _b, _hb = bundles(tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-c", _SERVE, str(Path(__file__).parent), str(a),
+                             str(tmp_path / "log.db"), str(port)])
+
+    def hash_now() -> str | None:
+        try:
+            return httpx.get(url + "/readyz", timeout=2).json()["bundle_hash"]
+        except httpx.HTTPError:
+            return None
+
+    def wait_for(want: str) -> bool:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and proc.poll() is None:
+            if hash_now() == want:
+                return True
+            time.sleep(0.05)
+        return False
+
+    try:
+        assert wait_for(ha), "serve did not come up"
+        new_hash = write_fake_bundle(a, 50.0, "replaced in place")
+        proc.send_signal(signal.SIGHUP)
+        assert wait_for(new_hash)
+        answer = httpx.post(url + "/v1/inspect", content=png(3), headers={"content-type": "image/png"}).json()
+        assert answer["bundle_hash"] == new_hash and answer["threshold"] == 50.0
+        proc.send_signal(signal.SIGTERM)
+        # uvicorn re-raises the signal it caught once it has shut down gracefully
+        assert proc.wait(timeout=20) in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
