@@ -290,3 +290,36 @@ def test_sighup_reloads_a_running_serve_process(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_reload_verifies_a_real_bundle_format(tmp_path: Path) -> None:
+    """Through the real verifier (load_bundle): a tampered array is refused, an intact bundle swaps in."""
+    from fakes import FakeInspector
+
+    from o2n_edge.export.bundle_writer import BundleWriter
+    from o2n_edge.runtime.bundle import load_bundle
+
+    def write(out: Path, bank_value: float) -> Path:
+        with BundleWriter(out) as w:
+            w.add_array("memory_bank", np.full((5, 8), bank_value, dtype=np.float32))
+            w.write_manifest({"profile": "tiny", "category": "pcb", "image_size": 32,
+                              "threshold": {"value": 0.5, "method": "quantile", "quantile": 0.99}})
+        return out
+
+    def loader(path: Path) -> FakeInspector:
+        return FakeInspector(bundle_hash=load_bundle(path).manifest_data.manifest_sha256)
+
+    first, second = write(tmp_path / "b1", 1.0), write(tmp_path / "b2", 2.0)
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    with ResultsLog(tmp_path / "log.db") as log:
+        client = TestClient(create_app(loader(first), log, admin_token=ADMIN, bundle_path=first, loader=loader))
+        before = client.get("/readyz").json()["bundle_hash"]
+        bank = second / "memory_bank.npy"
+        good = bank.read_bytes()
+        bank.write_bytes(good[:-4] + b"\x00\x00\x80\x3f")  # one float changed, same size
+        refused = client.post("/v1/admin/reload", json={"bundle": str(second)}, headers=admin)
+        assert refused.status_code == 409 and "memory_bank.npy: sha256 mismatch" in refused.json()["detail"]
+        assert client.get("/readyz").json()["bundle_hash"] == before
+        bank.write_bytes(good)
+        ok = client.post("/v1/admin/reload", json={"bundle": str(second)}, headers=admin)
+        assert ok.status_code == 200 and ok.json()["previous"] == before != ok.json()["bundle_hash"]
