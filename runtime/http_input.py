@@ -28,6 +28,37 @@ MAX_FORM_PART_BYTES = 64 * 1024  # non-file fields only; files are bounded by th
 RAW_TYPES = ("application/octet-stream", "")
 MAX_NAME_CHARS = 100
 
+# The OpenAPI text of POST /v1/inspect's body and refusals (the route reads the body itself).
+INSPECT_BODY_DOC = {
+    "requestBody": {
+        "required": True,
+        "description": "The image: a multipart form with a file field 'image' (or 'file'), "
+        "or the raw bytes with Content-Type image/* or application/octet-stream.",
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"image": {"type": "string", "format": "binary"}},
+                    "required": ["image"],
+                }
+            },
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    },
+    "responses": {
+        str(code): {"description": text}
+        for code, text in (
+            (400, "not a usable image (empty, corrupt, truncated, too small, too large)"),
+            (401, "missing or wrong bearer token"),
+            (413, "body over the size limit"),
+            (415, "unsupported Content-Type"),
+            (422, "multipart form without an image file field"),
+            (503, "queue full; retry after Retry-After seconds"),
+        )
+    },
+}
+
 
 class ApiError(Exception):
     """A deliberate non-200 answer: status + short error + human detail (+ headers)."""

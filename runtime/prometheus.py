@@ -65,12 +65,40 @@ class ServerMetrics:
         Gauge(
             "o2n_queue_capacity", "max_queue: depth at which requests get 503.", registry=r
         ).set(max_queue)
-        Gauge("o2n_threshold", "Decision threshold of the loaded bundle.", registry=r).set(
-            threshold
+        self.threshold = Gauge(
+            "o2n_threshold", "Decision threshold of the loaded bundle.", registry=r
         )
-        Info("o2n_bundle", "The loaded bundle (value is always 1).", registry=r).info(
-            {"bundle_hash": str(bundle_hash)}
+        self.bundle = Info("o2n_bundle", "The loaded bundle (value is always 1).", registry=r)
+        self.set_bundle(bundle_hash, threshold)
+        self.reloads = Counter(
+            "o2n_reloads", "Bundle reloads by outcome (ok or refused).", ["outcome"], registry=r
         )
+        for outcome in ("ok", "refused"):
+            self.reloads.labels(outcome=outcome)
+        self.feedback_labels = Counter(
+            "o2n_feedback", "Operator verdicts stored, by label.", ["label"], registry=r
+        )
+        for label in ("good", "defect"):
+            self.feedback_labels.labels(label=label)
+        self.keep_failures = Counter(
+            "o2n_keep_failures",
+            "Inspected images that could not be kept (full or unwritable directory).",
+            registry=r,
+        )
+
+    def set_bundle(self, bundle_hash: str, threshold: float) -> None:
+        """Name the bundle now serving (at start and after each reload)."""
+        self.threshold.set(float(threshold))
+        self.bundle.info({"bundle_hash": str(bundle_hash)})
+
+    def reload(self, ok: bool) -> None:
+        self.reloads.labels(outcome="ok" if ok else "refused").inc()
+
+    def feedback(self, label: str) -> None:
+        self.feedback_labels.labels(label=label).inc()
+
+    def keep_failure(self) -> None:
+        self.keep_failures.inc()
 
     def observe(self, path: str, status: int, seconds: float) -> None:
         """One finished HTTP request (``path`` is the matched route template: bounded labels)."""

@@ -14,6 +14,10 @@ worth one ``fsync`` per row (measured ~4 ms per append on a virtual disk vs ~0.0
 NORMAL; next to tens of milliseconds of inference). So every ``append`` returns only after its
 row is on disk. Deployments that prefer throughput can set ``SYNCHRONOUS = "NORMAL"``.
 
+Operator verdicts live in the same file (table ``feedback``, see :mod:`feedback_log`): a verdict
+is about one logged decision, and keeping both in one SQLite file keeps them in one backup, one
+export and one transaction when a verdict is checked against its decision.
+
 Thread safety: one connection guarded by a lock. SQLite serialises writers anyway, and the
 server's worker pool is small, so one connection is simpler than a connection per thread and
 has nothing to leak when threads come and go.
@@ -34,6 +38,7 @@ from pathlib import Path
 from typing import IO, Any, Iterable, Literal
 
 from o2n_edge.atomic import atomic_open
+from o2n_edge.runtime.feedback_log import FEEDBACK_SCHEMA, FeedbackTable
 
 # WAL: readers never block the writer, and a torn write cannot corrupt committed rows.
 JOURNAL_MODE = "WAL"
@@ -42,7 +47,8 @@ SYNCHRONOUS = "FULL"
 # How long a writer waits for another process's lock (e.g. an export) before failing.
 BUSY_TIMEOUT_MS = 5000
 # Bumped when the table layout changes; a log with a newer schema is refused, not guessed at.
-SCHEMA_VERSION = 1
+# 2: results.request_id (the id the HTTP answer named) and the feedback table.
+SCHEMA_VERSION = 2
 # One fixed ISO-8601 UTC layout, so string order equals time order (used by ``since``).
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 # Longest `source` kept: it comes from clients, so it is bounded.
@@ -58,6 +64,7 @@ COLUMNS = (
     "bundle_hash",
     "timings_json",
     "source",
+    "request_id",
 )
 
 _SCHEMA = """
@@ -70,10 +77,16 @@ CREATE TABLE IF NOT EXISTS results (
     threshold REAL NOT NULL,
     bundle_hash TEXT NOT NULL,
     timings_json TEXT NOT NULL,
-    source TEXT NOT NULL
+    source TEXT NOT NULL,
+    request_id TEXT
 );
 CREATE INDEX IF NOT EXISTS results_time ON results (time_utc);
-"""
+""" + FEEDBACK_SCHEMA
+# Columns added after a table first shipped: an older log gets them by ALTER TABLE on open
+# (existing rows read NULL), so a log written by any earlier o2n-edge keeps working.
+ADDED_COLUMNS: dict[str, dict[str, str]] = {"results": {"request_id": "TEXT"}}
+# Indexes on added columns: created after the migration, since the column may be new.
+LATE_INDEXES = ("CREATE INDEX IF NOT EXISTS results_request ON results (request_id)",)
 
 
 class ResultsLogError(RuntimeError):
@@ -110,8 +123,23 @@ def _decision_text(decision: bool | str) -> str:
     return "anomalous" if bool(decision) else "normal"
 
 
-class ResultsLog:
-    """A thread-safe, crash-safe, append-only SQLite log of decisions."""
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Add the columns a log written by an older o2n-edge lacks (see ``ADDED_COLUMNS``)."""
+    for table, columns in ADDED_COLUMNS.items():
+        have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        for name, kind in columns.items():
+            if name not in have:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+    for sql in LATE_INDEXES:
+        conn.execute(sql)
+
+
+class ResultsLog(FeedbackTable):
+    """A thread-safe, crash-safe, append-only SQLite log of decisions and operator verdicts.
+
+    Verdict methods (``add_feedback``, ``feedback_for``, ``feedback_rows``) come from
+    :class:`~o2n_edge.runtime.feedback_log.FeedbackTable`.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -140,6 +168,7 @@ class ResultsLog:
                     f"o2n-edge ({SCHEMA_VERSION}); upgrade o2n-edge to read it"
                 )
             conn.executescript(_SCHEMA)
+            _migrate(conn)
             if version < SCHEMA_VERSION:
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except sqlite3.DatabaseError as exc:
@@ -162,11 +191,13 @@ class ResultsLog:
         timings: dict[str, float] | None = None,
         source: str = "",
         time_utc: str | None = None,
+        request_id: str | None = None,
     ) -> int:
         """Commit one decision and return its id; the row is durable when this returns.
 
         The server calls this *before* answering, so the line never acts on a decision that
-        is not on record.
+        is not on record. ``request_id`` is the id the HTTP answer names, so a later verdict
+        (``POST /v1/feedback``) can find the decision it is about.
         """
         row = (
             time_utc or utc_now(),
@@ -177,12 +208,13 @@ class ResultsLog:
             str(bundle_hash),
             json.dumps({k: round(float(v), 3) for k, v in (timings or {}).items()}),
             str(source)[:MAX_SOURCE_CHARS],
+            None if request_id is None else str(request_id),
         )
         with self._lock:
             conn = self._live()
             cur = conn.execute(
                 "INSERT INTO results (time_utc, image_sha256, score, decision, threshold, "
-                "bundle_hash, timings_json, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "bundle_hash, timings_json, source, request_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 row,
             )  # autocommit: the INSERT is its own transaction, fsynced (synchronous=FULL)
             return int(cur.lastrowid)

@@ -16,10 +16,15 @@ Design points (each one a failure seen in similar tools):
 - Graceful shutdown: uvicorn stops accepting, lets in-flight requests finish (up to
   ``graceful_timeout_s``), then the worker pool drains.
 
-This module holds the routes and the app's assembly; the parts read alone: request parsing and
-error answers (:mod:`http_input`), the bounded inference worker (:mod:`worker`, shared with the
-Triton model), the Prometheus metrics (:mod:`prometheus`) and the operator page
-(:mod:`operator_page`).
+- Learning from the line: ``--keep-images`` keeps each inspected image (:mod:`image_store`),
+  ``POST /v1/feedback`` stores an operator's verdict (:mod:`feedback_api`), and a new bundle
+  is swapped in without dropping or mixing requests (:mod:`reload`): each request takes the
+  inspector once, at its start, and its answer and log row name that bundle's hash.
+
+This module holds the inspect route and the app's assembly; the parts read alone: request
+parsing and error answers (:mod:`http_input`), the bounded inference worker (:mod:`worker`,
+shared with the Triton model), the Prometheus metrics (:mod:`prometheus`), the operator page
+(:mod:`operator_page`), verdicts (:mod:`feedback_api`) and reloads (:mod:`reload`).
 
 Runtime rule: numpy + pillow + fastapi/uvicorn only; nothing here may import torch.
 """
@@ -42,7 +47,9 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from o2n_edge.data.images import ImageError
+from o2n_edge.runtime.feedback_api import feedback_router
 from o2n_edge.runtime.http_input import (
+    INSPECT_BODY_DOC,
     ApiError,
     bearer_checker,
     error_response,
@@ -52,6 +59,8 @@ from o2n_edge.runtime.http_input import (
 )
 from o2n_edge.runtime.prometheus import CONTENT_TYPE, MetricsMiddleware, ServerMetrics
 from o2n_edge.runtime.operator_page import page_router
+from o2n_edge.runtime.image_store import ImageStore
+from o2n_edge.runtime.reload import InspectorSlot, Loader, install_sighup, reload_router
 from o2n_edge.runtime.results_log import ResultsLog
 from o2n_edge.runtime.types import Inspector
 from o2n_edge.runtime.worker import MAX_QUEUE, WORKERS, InspectWorker, inspect_and_log
@@ -72,35 +81,6 @@ RESULTS_LIMIT_MAX = 1000
 # A client-provided X-Request-ID is echoed only if it is this tame.
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
-INSPECT_BODY_DOC = {
-    "requestBody": {
-        "required": True,
-        "description": "The image: a multipart form with a file field 'image' (or 'file'), "
-        "or the raw bytes with Content-Type image/* or application/octet-stream.",
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {"image": {"type": "string", "format": "binary"}},
-                    "required": ["image"],
-                }
-            },
-            "image/*": {"schema": {"type": "string", "format": "binary"}},
-            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-        },
-    },
-    "responses": {
-        str(code): {"description": text}
-        for code, text in (
-            (400, "not a usable image (empty, corrupt, truncated, too small, too large)"),
-            (401, "missing or wrong bearer token"),
-            (413, "body over the size limit"),
-            (415, "unsupported Content-Type"),
-            (422, "multipart form without an image file field"),
-            (503, "queue full; retry after Retry-After seconds"),
-        )
-    },
-}
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -141,17 +121,30 @@ def create_app(
     max_body_bytes: int = MAX_BODY_BYTES,
     max_queue: int = MAX_QUEUE,
     workers: int = WORKERS,
+    *,
+    admin_token: str | None = None,
+    bundle_path: str | Path | None = None,
+    loader: Loader | None = None,
+    store: ImageStore | None = None,
 ) -> FastAPI:
     """Build the ASGI app around one loaded inspector and one results log.
 
     The caller owns both (and closes the log); the app owns its worker pool and shuts it down
-    with the app's lifespan.
+    with the app's lifespan. ``admin_token`` enables ``POST /v1/admin/reload``, which loads
+    ``bundle_path`` (or the path it is given) with ``loader`` (default: ONNX Runtime with the
+    current inspector's options); ``store`` keeps every inspected image.
     """
     assert max_body_bytes > 0 and max_queue > 0 and workers > 0, "limits must be positive"
     worker = InspectWorker(max_queue, workers)
     metrics = ServerMetrics(
         lambda: worker.pending, max_queue, inspector.bundle_hash, float(inspector.threshold)
     )
+    slot = InspectorSlot(
+        inspector, bundle_path, loader,
+        on_swap=lambda new: metrics.set_bundle(new.bundle_hash, float(new.threshold)),
+    )
+    if store is not None:
+        store.on_failure = metrics.keep_failure
     require_token = bearer_checker(token)
 
     @asynccontextmanager
@@ -167,6 +160,7 @@ def create_app(
     )
     app.state.o2n = worker
     app.state.metrics = metrics
+    app.state.slot = slot
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     _add_error_handlers(app)
 
@@ -192,6 +186,7 @@ def create_app(
         (from queueing to answer; excludes the upload itself). The logged row carries the
         same stages except ``log`` and ``request``.
         """
+        current = slot.current  # this request's inspector, from start to answer
         given_id = request.headers.get("x-request-id", "")
         rid = given_id if REQUEST_ID_RE.match(given_id) else uuid.uuid4().hex
         request.state.request_id = rid
@@ -215,8 +210,8 @@ def create_app(
             queued_at = time.perf_counter()
             try:
                 answer = await worker.run(
-                    inspect_and_log, inspector, log, data, name, want_map, want_views, src,
-                    queued_at,
+                    inspect_and_log, current, log, data, name, want_map, want_views, src,
+                    queued_at, rid, store,
                 )
             except ImageError as exc:
                 raise ApiError(400, "invalid image", str(exc))
@@ -236,6 +231,7 @@ def create_app(
 
     @app.get("/readyz", summary="Readiness: inspector loaded and log writable")
     def readyz() -> JSONResponse:
+        inspector = slot.current
         problems = []
         if inspector is None or not getattr(inspector, "bundle_hash", None):
             problems.append("no inspector loaded")
@@ -254,6 +250,9 @@ def create_app(
                 "max_queue": worker.max_queue,
                 "queue_depth": worker.pending,
                 "auth": token is not None,
+                "reload": admin_token is not None,
+                "reloads": slot.reloads,
+                "keep_images": str(store.directory) if store is not None else None,
             }
         )
 
@@ -274,6 +273,8 @@ def create_app(
             raise ApiError(400, "bad request", str(exc))
         return JSONResponse({"total": log.count(), "results": rows})
 
+    app.include_router(feedback_router(log, store, require_token, metrics.feedback))
+    app.include_router(reload_router(slot, admin_token, metrics.reload))
     app.include_router(page_router())
     return app
 
@@ -319,15 +320,28 @@ def serve(
     workers: int = WORKERS,
     graceful_timeout_s: float = GRACEFUL_TIMEOUT_S,
     log_level: str = "info",
+    *,
+    admin_token: str | None = None,
+    bundle_path: str | Path | None = None,
+    loader: Loader | None = None,
+    store: ImageStore | None = None,
 ) -> None:
-    """Run the server until SIGINT/SIGTERM; in-flight requests finish before it returns."""
+    """Run the server until SIGINT/SIGTERM; in-flight requests finish before it returns.
+
+    SIGHUP reloads ``bundle_path`` (see :mod:`reload`) when one is given.
+    """
     if token is None and not _is_loopback(host):
         logger.warning(
             "serving on %s without a token: anyone on the network can submit images and "
             "read results (pass a token)",
             host,
         )
-    app = create_app(inspector, log, token, max_body_bytes, max_queue, workers)
+    app = create_app(
+        inspector, log, token, max_body_bytes, max_queue, workers,
+        admin_token=admin_token, bundle_path=bundle_path, loader=loader, store=store,
+    )
+    if bundle_path is not None:
+        install_sighup(app.state.slot, app.state.metrics.reload)
     make_server(app, host, port, graceful_timeout_s, log_level).run()
 
 
@@ -340,10 +354,18 @@ def run_server(
     max_body_bytes: int = MAX_BODY_BYTES,
     max_queue: int = MAX_QUEUE,
     workers: int = WORKERS,
+    *,
+    admin_token: str | None = None,
+    bundle_path: str | Path | None = None,
+    loader: Loader | None = None,
+    store: ImageStore | None = None,
 ) -> None:
     """CLI glue for ``o2n-edge serve``: open the results log, serve, close the log."""
     log = ResultsLog(log_path)
     try:
-        serve(inspector, log, host, port, token, max_body_bytes, max_queue, workers)
+        serve(
+            inspector, log, host, port, token, max_body_bytes, max_queue, workers,
+            admin_token=admin_token, bundle_path=bundle_path, loader=loader, store=store,
+        )
     finally:
         log.close()

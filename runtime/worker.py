@@ -24,6 +24,7 @@ from PIL import Image
 
 from o2n_edge.data.images import MAX_PIXELS, MIN_SIDE, ImageError, decode_image
 from o2n_edge.runtime import render
+from o2n_edge.runtime.image_store import ImageStore
 from o2n_edge.runtime.results_log import ResultsLog
 from o2n_edge.runtime.types import InspectResult, Inspector
 
@@ -167,11 +168,17 @@ def inspect_and_log(
     want_views: bool,
     source: str,
     queued_at: float,
+    request_id: str | None = None,
+    store: ImageStore | None = None,
 ) -> dict[str, Any]:
-    """Worker-thread job of ``serve``: decode, inspect, encode, log; ImageError on bad input.
+    """Worker-thread job of ``serve``: decode, inspect, encode, log, keep; ImageError on bad input.
 
-    The decision is committed to the log before the answer exists, so the line never acts on
-    a verdict that is not on record.
+    The decision is committed to the log (with ``request_id``, so a verdict can find it) before
+    the answer exists, so the line never acts on a verdict that is not on record. With a
+    ``store`` the original bytes are kept after the log write; a store that cannot keep them
+    logs and counts that, and the answer goes out regardless. ``inspector`` is the one this
+    request was given at its start: the answer and the row name its bundle hash even if a
+    reload swaps the server's inspector meanwhile.
     """
     t0 = time.perf_counter()
     sha = hashlib.sha256(data).hexdigest()
@@ -196,14 +203,20 @@ def inspect_and_log(
         bundle_hash=inspector.bundle_hash,
         timings=timings,
         source=source,
+        request_id=request_id,
     )
-    timings["log"] = (time.perf_counter() - t3) * 1000.0
+    t4 = time.perf_counter()
+    timings["log"] = (t4 - t3) * 1000.0
+    kept = store.keep(data, sha) if store is not None else None
+    if store is not None:
+        timings["keep"] = (time.perf_counter() - t4) * 1000.0
     answer = result.to_json()
     answer["timings_ms"] = {k: round(v, 3) for k, v in timings.items()}
     answer.update(
         image_sha256=sha,
         log_id=row_id,
         bundle_hash=inspector.bundle_hash,
+        **({"kept": kept is not None} if store is not None else {}),
         image_size={"height": int(image.shape[0]), "width": int(image.shape[1])},
         **extras,
     )

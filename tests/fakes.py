@@ -13,13 +13,19 @@ deterministic and cheap, so the server, the results log and the operator page ca
 ``delay_s`` adds a sleep inside ``inspect`` to emulate inference time; ``started`` is set each
 time an inspection begins (for graceful-shutdown tests); ``fail_with`` makes ``inspect`` raise,
 to test the server's 500 path.
+
+:func:`write_fake_bundle` / :func:`load_fake_bundle` stand in for a bundle directory and its
+verified loading, for the hot-reload tests: a JSON file whose sha256 is the bundle hash, and a
+loader that refuses the directory when the file no longer matches its recorded hash.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 import time
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -44,8 +50,9 @@ class FakeInspector:
         fail_with: BaseException | None = None,
         with_normal: bool = True,
         with_map: bool = True,
+        bundle_hash: str = FAKE_BUNDLE_HASH,
     ) -> None:
-        self.bundle_hash = FAKE_BUNDLE_HASH
+        self.bundle_hash = bundle_hash
         self.threshold = float(threshold)
         self.image_size = int(image_size)
         self.delay_s = float(delay_s)
@@ -106,6 +113,39 @@ class FakeInspector:
         if image.shape[:2] == (s, s):
             return np.ascontiguousarray(image)
         return np.asarray(Image.fromarray(image).resize((s, s), Image.Resampling.BILINEAR))
+
+
+# -- fake bundles, for hot reload --------------------------------------------------------------
+
+FAKE_BUNDLE_FILE = "fake_bundle.json"
+FAKE_BUNDLE_SHA = "fake_bundle.sha256"
+
+
+def write_fake_bundle(path: Path, threshold: float = DEFAULT_THRESHOLD, tag: str = "a") -> str:
+    """A directory standing in for a bundle; returns its hash (what its inspector answers with)."""
+    path.mkdir(parents=True, exist_ok=True)
+    doc = json.dumps({"threshold": threshold, "tag": tag}).encode()
+    digest = hashlib.sha256(doc).hexdigest()
+    (path / FAKE_BUNDLE_FILE).write_bytes(doc)
+    (path / FAKE_BUNDLE_SHA).write_text(digest)
+    return digest
+
+
+def load_fake_bundle(path: Path, delay_s: float = 0.0, load_s: float = 0.0) -> FakeInspector:
+    """Verify and open a fake bundle (``load_s`` emulates a slow load); BundleError when corrupt."""
+    from o2n_edge.runtime.bundle import BundleError
+
+    time.sleep(load_s)
+    try:
+        doc = (Path(path) / FAKE_BUNDLE_FILE).read_bytes()
+        want = (Path(path) / FAKE_BUNDLE_SHA).read_text().strip()
+    except OSError as exc:
+        raise BundleError(f"{path}: not a bundle ({exc})") from exc
+    digest = hashlib.sha256(doc).hexdigest()
+    if digest != want:
+        raise BundleError(f"{FAKE_BUNDLE_FILE}: sha256 mismatch (corrupted or modified)")
+    threshold = float(json.loads(doc)["threshold"])
+    return FakeInspector(threshold=threshold, delay_s=delay_s, bundle_hash=digest)
 
 
 # -- a real server on loopback, for the load and browser tests ---------------------------------

@@ -170,3 +170,40 @@ def test_no_normal_version_figure_without_a_transform(browser, tmp_path: Path) -
             assert browser.find_element(By.ID, "query-img").is_displayed()
             assert browser.find_element(By.ID, "overlay-img").is_displayed()
     log.close()
+
+
+def test_operator_verdict_buttons(browser, tmp_path: Path) -> None:
+    """Inspect, click "defect": the page shows the stored verdict and the log holds it."""
+    from o2n_edge.runtime.image_store import ImageStore
+
+    log = ResultsLog(tmp_path / "browser.db")
+    store = ImageStore(tmp_path / "kept", min_free_fraction=0, min_free_bytes=0)
+    app = create_app(FakeInspector(), log, token=TOKEN, store=store)
+    wait = WebDriverWait(browser, WAIT_S)
+    with ServerThread(app) as srv:
+        browser.get(srv.url + "/")
+        token = browser.find_element(By.ID, "token")
+        token.send_keys(TOKEN)
+        browser.execute_script("arguments[0].dispatchEvent(new Event('change'))", token)
+        browser.find_element(By.ID, "file").send_keys(str(_image_file(tmp_path, 230)))
+        wait.until(lambda d: d.find_element(By.ID, "decision").text == "ANOMALOUS")
+        assert browser.find_element(By.ID, "fb-good").text == "good part"
+        browser.find_element(By.ID, "fb-defect").click()
+        wait.until(lambda d: "verdict: defect" in d.find_element(By.ID, "verdict-status").text)
+        assert not browser.find_element(By.ID, "fb-good").is_enabled()  # one verdict per part
+        row = log.read()[-1]
+        (stored,) = log.feedback_rows()
+        assert stored["request_id"] == row["request_id"] and stored["label"] == "defect"
+        assert stored["image_sha256"] == row["image_sha256"] and stored["score"] == row["score"]
+
+        # a part whose kept image is gone: the page shows the server's refusal
+        browser.find_element(By.ID, "file").send_keys(str(_image_file(tmp_path, 10)))
+        wait.until(lambda d: d.find_element(By.ID, "decision").text == "NORMAL")
+        wait.until(lambda d: d.find_element(By.ID, "fb-good").is_enabled())
+        for kept in (tmp_path / "kept").glob(log.read()[-1]["image_sha256"] + ".*"):
+            kept.unlink()
+        browser.find_element(By.ID, "fb-good").click()
+        wait.until(lambda d: "410" in d.find_element(By.ID, "verdict-status").text)
+        assert "no longer kept" in browser.find_element(By.ID, "verdict-status").text
+        assert len(log.feedback_rows()) == 1
+    log.close()

@@ -88,17 +88,25 @@ def serve_cmd(
     max_body_mb: float = typer.Option(20.0, "--max-body-mb", help="Largest accepted request body (413 above)."),
     max_queue: int = typer.Option(8, "--max-queue", help="Requests in flight + waiting; beyond it the answer is 503 + Retry-After."),
     workers: int = typer.Option(1, "--workers", help="Inference threads."),
+    admin_token: Optional[str] = typer.Option(None, "--admin-token", envvar="O2N_ADMIN_TOKEN", help="Bearer token for POST /v1/admin/reload (default: $O2N_ADMIN_TOKEN; none = reload disabled, 403). SIGHUP reloads --bundle either way."),
+    keep_images: Optional[Path] = typer.Option(None, "--keep-images", help="Keep each inspected image's original bytes here as <sha256>.<ext> (for verdicts and `o2n-edge learn`)."),
+    keep_max_files: int = typer.Option(20_000, "--keep-max-files", help="Most kept images; the oldest are removed first."),
+    keep_max_bytes: int = typer.Option(2 * 1024**3, "--keep-max-bytes", help="Most bytes of kept images; the oldest are removed first. Keeping also pauses while the file system has under 5% (or 256 MiB) free."),
 ) -> None:
-    """Serve a bundle over HTTP for the line: POST /v1/inspect, operator page at /, /metrics, /healthz, /readyz."""
+    """Serve a bundle over HTTP for the line: POST /v1/inspect, /v1/feedback, /v1/admin/reload, operator page at /, /metrics, /healthz, /readyz."""
     from o2n_edge.runtime.bundle import BundleError
 
     try:
         pipe = open_pipeline(bundle, backend, threads)
+        from o2n_edge.runtime.image_store import ImageStore
         from o2n_edge.runtime.server import run_server
-    except (BundleError, *USER_ERRORS) as exc:
+
+        store = ImageStore(keep_images, keep_max_files, keep_max_bytes) if keep_images is not None else None
+    except (BundleError, OSError, *USER_ERRORS) as exc:
         fail(str(exc))
     run_server(pipe, log_path, host=host, port=port, token=token, max_body_bytes=int(max_body_mb * 1024 * 1024),
-               max_queue=max_queue, workers=workers)
+               max_queue=max_queue, workers=workers, admin_token=admin_token, bundle_path=bundle,
+               loader=lambda path: open_pipeline(path, backend, threads), store=store)
 
 
 @app.command("results")
