@@ -217,6 +217,20 @@ def test_rollback_gives_back_the_verified_parent(lite: Path, line: dict, tmp_pat
     assert "lineage" in r.output and res.parent_hash[:16] in r.output
 
 
+def test_acceptance_report_header_names_the_lineage(lite: Path, line: dict) -> None:
+    from o2n_edge.acceptance.page import _lineage
+    from o2n_edge.acceptance.report_builder import _bundle_info
+    from o2n_edge.runtime.pipeline import OrtPipeline
+
+    s = learn(_opts(lite, line))
+    info = _bundle_info(OrtPipeline(s.out), s.out)
+    assert info["lineage"]["parent_hash"] == load_manifest(lite).manifest_sha256
+    assert {a["sha256"] for a in info["lineage"]["added"]} == {a["sha256"] for a in s.added}
+    html = _lineage(info["lineage"])
+    assert info["lineage"]["parent_hash"][:16] in html and f"{len(s.added)} images added" in html
+    assert _bundle_info(OrtPipeline(lite), lite)["lineage"] is None
+
+
 def test_learn_cli_and_a_second_generation(lite: Path, line: dict) -> None:
     from typer.testing import CliRunner
 
