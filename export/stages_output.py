@@ -107,7 +107,8 @@ def build_manifest(state: ExportState) -> BundleManifest:
                                    pool_size=0 if state.pool_imgs is None else int(len(state.pool_imgs))),
         threshold=Threshold(value=state.threshold, method="quantile of held-out good images' scores",
                             quantile=opts.threshold_quantile, n_images=len(state.calib_paths),
-                            images=[p.name for p in state.calib_paths]),
+                            images=[p.name for p in state.calib_paths],
+                            scores=None if state.calib_scores is None else [float(x) for x in state.calib_scores]),
         models={name: _section(ModelEntry, rep.manifest_entry(), f"models.{name}")
                 for name, (rep, _) in state.models.items()},
     )

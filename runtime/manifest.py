@@ -1,19 +1,14 @@
 """The bundle manifest as types: the one schema the exporter writes through and the runtime reads through.
 
 Why one module: the manifest is the contract between the workstation that exports a bundle and
-the device that serves it. When the writer, the verifier and every reader spell the keys by
-hand, a renamed or mistyped key surfaces as a KeyError deep inside serving, or as a silent
-default. Here every key is declared once with its type: :meth:`BundleManifest.from_dict`
-refuses a manifest with a :class:`BundleError` that names the offending key, and
-:meth:`BundleManifest.to_dict` gives back exactly the dict it was built from, so the JSON on
-disk (and its digest) is the same as before there were types.
+the device that serves it; keys spelt by hand in each reader surface as a KeyError deep inside
+serving, or as a silent default. Here every key is declared once with its type: ``from_dict``
+refuses a manifest with a :class:`BundleError` naming the key, and ``to_dict`` gives back exactly
+the dict it was built from, so the JSON on disk (and its digest) is as before there were types.
 
-Sections whose own consumer validates them (the scoring constants: ``ScoringParams``; the
-scheduler tables: ``NumpyLCMScheduler``; fusion, diffusion and tuning records, which are only
-reported) stay plain dicts, but under named fields. Keys this schema does not name are kept in
-each section's ``other`` so a read/write round trip loses nothing.
-
-Pure standard library: no numpy, no torch (the runtime imports it on the device).
+Sections whose own consumer validates them (scoring constants, scheduler tables; fusion, diffusion
+and tuning records, only reported) stay plain dicts under named fields. Keys this schema does not
+name are kept in each section's ``other``, so a round trip loses nothing. Standard library only.
 """
 
 from __future__ import annotations
@@ -39,11 +34,8 @@ class BundleError(ValueError):
 
 
 def check_file_name(name: str) -> str | None:
-    """Return why ``name`` is not a valid bundle file name, or None.
-
-    Names are relative POSIX paths that stay inside the bundle: a manifest must never make the
-    runtime read (or the writer overwrite) a file elsewhere on the device.
-    """
+    """Why ``name`` is not a valid bundle file name, or None. Names are relative POSIX paths inside
+    the bundle: a manifest must never make the runtime read (or the writer overwrite) a file elsewhere."""
     if not isinstance(name, str) or not name:
         return f"invalid file name {name!r}"
     p = PurePosixPath(name)
@@ -103,11 +95,8 @@ def need(value: T | None, key: str) -> T:
 
 @dataclass(kw_only=True)
 class Section:
-    """Base of every manifest section: parsed and emitted by its fields' declarations.
-
-    ``other`` holds keys the schema does not name; ``present`` the declared keys that were in the
-    source, so an explicit null survives the round trip and an absent key stays absent.
-    """
+    """Base of every manifest section, parsed and emitted by its fields' declarations. ``other``: keys
+    the schema does not name; ``present``: declared keys in the source (an explicit null survives)."""
 
     other: dict[str, Any] = field(default_factory=dict, repr=False)
     present: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
@@ -276,6 +265,7 @@ class Threshold(Section):
     quantile: float | None = _key(_NUM)
     n_images: int | None = _key((int,))
     images: list[str] | None = _key((list,), items=(str,))
+    scores: list[float] | None = _key((list,), items=_NUM)  # the calibration images' scores (auto-good)
 
 
 @dataclass(kw_only=True)
@@ -289,6 +279,20 @@ class Transform(Section):
     strength_mode: str | None = _key((str,))
     seed: int | None = _key((int,))
     keep_low_sigma: float | None = _key(_NUM)
+
+
+@dataclass(kw_only=True)
+class Lineage(Section):
+    """Where a learned bundle came from (``o2n-edge learn``): every bank change is traceable and undoable."""
+
+    parent_hash: str = _key((str,), required=True)
+    parent_path: str | None = _key((str,))
+    created_at: str | None = _key((str,))
+    added: list[dict[str, Any]] | None = _key((list,), items=(dict,))
+    earlier: list[str] | None = _key((list,), items=(str,))  # sha256 added by the parent's ancestors
+    calibration: list[dict[str, Any]] | None = _key((list,), items=(dict,))
+    skipped: list[dict[str, Any]] | None = _key((list,), items=(dict,))
+    threshold: dict[str, Any] | None = _key((dict,))  # parent's and new value, whether recalibrated
 
 
 @dataclass(kw_only=True)
@@ -321,14 +325,13 @@ class BundleManifest(Section):
     transform: Transform | None = _key(section=Transform)
     diffusion: dict[str, Any] | None = _key((dict,))
     versions: dict[str, str | None] | None = _key((dict,))
+    lineage: Lineage | None = _key(section=Lineage)
 
     @classmethod
     def check(cls, data: Any) -> tuple[BundleManifest, list[str]]:
         """Parse leniently: the manifest (bad values left out) and every problem, each naming its key.
-
-        Beyond types: the schema version, file names that stay inside the bundle, and model
-        entries that point at listed files. The digest is not checked here (see :meth:`digest_ok`).
-        """
+        Beyond types: the schema version, file names inside the bundle, model entries naming listed
+        files. The digest is not checked here (see :meth:`digest_ok`)."""
         problems: list[str] = []
         parsed = cls.parse(data, "", problems) if isinstance(data, Mapping) else None
         if parsed is None:

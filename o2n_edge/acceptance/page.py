@@ -61,12 +61,28 @@ def _meta(doc: dict) -> str:
         f"branches {escape('+'.join(b['branches']))} · {escape(str(b['precision']))} · {b['shots']} shot(s) · "
         f"manifest sha256 {escape(b['manifest_sha256'][:16])}…<br>"
         f"threshold {t['value']:.4g}: {escape(str(t.get('method', '')))}{quantile}<br>"
+        + _lineage(b.get("lineage")) +
         f"data set <b>{escape(d['name'])}</b> / {escape(d['category'])} ({escape(d['root'])}): "
         f"{doc['n_test']} test images: {counts}<br>"
         + "".join(f"{escape(str(k))}: {escape(str(v))}<br>" for k, v in doc.get("provenance", {}).items())
         + f"generated {escape(doc['created'])} by o2n-edge {escape(doc['o2n_edge_version'])} on "
         f"{escape(', '.join(doc['providers']))} in {doc['wall_s']:.0f} s</div>"
     )
+
+
+def _lineage(lin: dict | None) -> str:
+    """The header line of a learned bundle: its parent and the images added to its bank, by rule."""
+    if not lin:
+        return ""
+    rules: dict[str, int] = {}
+    for a in lin["added"]:
+        rules[a["rule"]] = rules.get(a["rule"], 0) + 1
+    shas = ", ".join(escape(str(a["sha256"])[:12]) for a in lin["added"][:20])
+    more = f" and {len(lin['added']) - 20} more" if len(lin["added"]) > 20 else ""
+    return (f"lineage: learned {escape(str(lin['created_at']))} from parent {escape(lin['parent_hash'][:16])}… "
+            f"({escape(str(lin['parent_path']))}); {len(lin['added'])} images added "
+            f"({escape(', '.join(f'{n} {r}' for r, n in rules.items()))}; {lin['earlier']} by earlier generations): "
+            f"{shas}{more}<br>")
 
 
 def _verdict(doc: dict) -> str:

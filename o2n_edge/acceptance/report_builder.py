@@ -124,10 +124,22 @@ def _bundle_info(pipe: Any, bundle: Path) -> dict[str, Any]:
         "branches": list(m.branches),
         "shots": shots.k if shots is not None else None,
         "shot_images": shots.images if shots is not None else None,
-        "threshold": {k: v for k, v in threshold.items() if k != "images"},
+        "threshold": {k: v for k, v in threshold.items() if k not in ("images", "scores")},
         "versions": m.versions or {},
         "has_normal_version": False,
+        "lineage": _lineage_info(m),
     }
+
+
+def _lineage_info(m: BundleManifest) -> dict[str, Any] | None:
+    """A learned bundle's parent and the images ``o2n-edge learn`` added (None for an exported bundle):
+    the figures below describe that bank, so the report says where it came from."""
+    lin = m.lineage
+    if lin is None:
+        return None
+    return {"parent_hash": lin.parent_hash, "parent_path": lin.parent_path, "created_at": lin.created_at,
+            "added": [{"sha256": a.get("sha256"), "rule": a.get("rule")} for a in lin.added or []],
+            "earlier": len(lin.earlier or []), "calibration": len(lin.calibration or [])}
 
 
 def _dataset_info(ds: Dataset) -> dict:

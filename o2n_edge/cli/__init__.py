@@ -8,6 +8,7 @@ from o2n_edge.cli.common import app
 from o2n_edge.cli import offline_cmds  # noqa: F401,I001  (registers eval, personalize, distill, transform)
 from o2n_edge.cli import bundle_cmds  # noqa: F401  (export, build-engines, inspect)
 from o2n_edge.cli import runtime_cmds  # noqa: F401  (infer, serve, results)
+from o2n_edge.cli import learn_cmd  # noqa: F401  (learn, learn --rollback)
 from o2n_edge.cli import triton_cmd  # noqa: F401  (triton)
 from o2n_edge.cli import report_cmd  # noqa: F401  (report)
 from o2n_edge.cli import bench_cmd  # noqa: F401  (bench)

@@ -122,6 +122,22 @@ def _settings_line(m: dict) -> str | None:
     return line
 
 
+def _lineage_line(m) -> str | None:
+    """Where a learned bundle came from (``o2n-edge learn``), in one line; None for an exported one."""
+    lin = m.lineage
+    if lin is None:
+        return None
+    rules: dict[str, int] = {}
+    for a in lin.added or []:
+        rules[str(a.get("rule"))] = rules.get(str(a.get("rule")), 0) + 1
+    t = lin.threshold or {}
+    return (f"learned {lin.created_at} from parent {lin.parent_hash[:16]}… ({lin.parent_path}): "
+            f"{len(lin.added or [])} images added ({', '.join(f'{n} {r}' for r, n in rules.items()) or 'none'}), "
+            f"{len(lin.earlier or [])} by earlier generations, {len(lin.calibration or [])} held out for calibration, "
+            f"{len(lin.skipped or [])} skipped; threshold "
+            + ("recalibrated" if t.get("recalibrated") else "kept from the parent"))
+
+
 @app.command("inspect")
 def inspect_cmd(
     bundle: Path = typer.Argument(..., help="Bundle directory."),
@@ -158,6 +174,7 @@ def inspect_cmd(
         "files": {k: {"bytes": v.bytes, "sha256": v.sha256} for k, v in m.files.items()},
         "engines": engines, "versions": m.versions,
         "settings": _settings_line(m.to_dict()),
+        "lineage": _lineage_line(m),
     }
     if as_json:
         typer.echo(json.dumps(info, indent=2))
@@ -172,7 +189,7 @@ def inspect_cmd(
             c.print(f"  [red]- {p}[/]")
         for key in ("profile", "category", "precision", "image_size", "diffusion_image_size", "branches",
                     "threshold", "steps", "steps_run", "strength", "student", "vae", "shots", "memory_bank",
-                    "settings"):
+                    "settings", "lineage"):
             if info[key] is not None:
                 c.print(f"  {key}: {info[key]}")
         table = Table(title="files")
