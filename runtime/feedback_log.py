@@ -19,6 +19,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Callable
 
 # The two verdicts an operator can give; anything else is refused.
@@ -185,6 +186,16 @@ class FeedbackTable:
             rows = self._live().execute(sql).fetchall()
         return [dict(zip(FEEDBACK_COLUMNS, r)) for r in rows]
 
+    def scored_by(self, bundle_hash: str) -> list[tuple[str, float]]:
+        """(image_sha256, score) of every decision ``bundle_hash`` made, oldest first.
+
+        What the learning step's auto-good rule reads: the parent's own scores of the images it saw.
+        """
+        sql = "SELECT image_sha256, score FROM results WHERE bundle_hash = ? ORDER BY id"
+        with self._lock:
+            rows = self._live().execute(sql, (bundle_hash,)).fetchall()
+        return [(str(sha), float(score)) for sha, score in rows]
+
     @staticmethod
     def _result_row(conn: sqlite3.Connection, request_id: str) -> dict[str, Any] | None:
         row = conn.execute(
@@ -201,3 +212,37 @@ class FeedbackTable:
             (request_id,),
         ).fetchone()
         return dict(zip(FEEDBACK_COLUMNS, row)) if row else None
+
+
+class ReadOnlyLog(FeedbackTable):
+    """A results log opened read-only, for readers beside a running server (``o2n-edge learn``).
+
+    Why not :class:`~o2n_edge.runtime.results_log.ResultsLog`: opening one creates and migrates the
+    schema, a write; a reader must never change a log a server owns, nor turn a wrong file into a
+    results log. The reads are the same methods, so the table layout is written down only here.
+    Raises ``sqlite3.Error`` for a file that cannot be opened or is not SQLite.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(f"file:{self.path.resolve()}?mode=ro", uri=True, check_same_thread=False)
+
+    def has_table(self, name: str) -> bool:
+        """Whether the log has table ``name`` (a log from before verdicts has no ``feedback``)."""
+        with self._lock:
+            sql = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
+            return self._conn.execute(sql, (name,)).fetchone() is not None
+
+    def _live(self) -> sqlite3.Connection:
+        return self._conn
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._conn.close()
+
+    def __enter__(self) -> "ReadOnlyLog":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -6,9 +6,10 @@ a ``defect`` verdict never enters; an image marked both ways stops the run (a pe
 which is right). Every image is read back from the keep directory and its sha256 checked against
 the log, so a corrupted or swapped file is listed as skipped, never learned.
 
-The verdicts are read with plain ``sqlite3`` from the results log's ``feedback`` table
-(request_id, label, note, who, at, score, bundle_hash, image_sha256) and the auto-good rule
-reads the ``results`` table; the log is opened read-only, so a serving process keeps writing.
+The verdicts and the parent's scores are read through
+:class:`~o2n_edge.runtime.feedback_log.ReadOnlyLog` (the same methods as the server's
+``ResultsLog``, so the log's layout lives in one place), opened read-only: a serving process
+keeps writing, and learn never changes the log.
 """
 
 from __future__ import annotations
@@ -16,17 +17,16 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 from collections import defaultdict
-from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from o2n_edge.runtime.feedback_log import ReadOnlyLog
 from o2n_edge.runtime.manifest import BundleManifest
 
 RULE_OPERATOR = "operator:good"
-FEEDBACK_COLUMNS = ("request_id", "label", "note", "who", "at", "score", "bundle_hash", "image_sha256")
 
 
 class LearnError(ValueError):
@@ -58,38 +58,25 @@ class Vetted:
 
 
 def read_feedback(log: Path) -> list[dict[str, Any]]:
-    """Every verdict in the log's ``feedback`` table (read-only); :class:`LearnError` when there is none."""
+    """Every verdict in the log's ``feedback`` table, oldest first; :class:`LearnError` when there is none."""
     if not log.is_file():
         raise LearnError(f"{log}: no such results log")
-    with closing(_open_ro(log)) as con:
-        if not _has_table(con, "feedback"):
-            raise LearnError(f"{log} has no verdicts (no feedback table): serve records them (POST /v1/feedback)")
-        rows = con.execute(f"SELECT {', '.join(FEEDBACK_COLUMNS)} FROM feedback ORDER BY at").fetchall()
-    return [dict(zip(FEEDBACK_COLUMNS, r)) for r in rows]
+    try:
+        with ReadOnlyLog(log) as rl:
+            if not rl.has_table("feedback"):
+                raise LearnError(f"{log} has no verdicts (no feedback table): serve records them (POST /v1/feedback)")
+            return rl.feedback_rows()
+    except sqlite3.Error as exc:
+        raise LearnError(f"{log}: not a usable results log (SQLite): {exc}") from exc
 
 
 def read_scored(log: Path, bundle_hash: str) -> list[tuple[str, float]]:
     """(image sha256, score) of every inspection the bundle ``bundle_hash`` answered."""
-    with closing(_open_ro(log)) as con:
-        if not _has_table(con, "results"):
-            return []
-        rows = con.execute("SELECT image_sha256, score FROM results WHERE bundle_hash = ? ORDER BY id",
-                           (bundle_hash,)).fetchall()
-    return [(str(s), float(v)) for s, v in rows]
-
-
-def _open_ro(log: Path) -> sqlite3.Connection:
     try:
-        return sqlite3.connect(f"file:{log.resolve()}?mode=ro", uri=True)
+        with ReadOnlyLog(log) as rl:
+            return rl.scored_by(bundle_hash) if rl.has_table("results") else []
     except sqlite3.Error as exc:
-        raise LearnError(f"{log}: cannot open the results log: {exc}") from exc
-
-
-def _has_table(con: sqlite3.Connection, name: str) -> bool:
-    try:
-        return con.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)).fetchone() is not None
-    except sqlite3.DatabaseError as exc:
-        raise LearnError(f"not a results log (SQLite): {exc}") from exc
+        raise LearnError(f"{log}: not a usable results log (SQLite): {exc}") from exc
 
 
 def auto_good_cutoff(manifest: BundleManifest, q: float) -> dict[str, Any]:

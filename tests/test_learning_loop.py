@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from fakes import ServerThread
 from typer.testing import CliRunner
 
 from o2n_edge.runtime.bundle import verify_bundle
+from o2n_edge.runtime.feedback_log import ReadOnlyLog
 from o2n_edge.runtime.image_store import ImageStore, kept_path, verify_kept
 from o2n_edge.runtime.manifest import load_manifest
 from o2n_edge.runtime.results_log import ResultsLog
@@ -166,6 +168,13 @@ def test_verdicts_are_stored_once_and_refusals_change_nothing(line: Line, judged
     assert {r["image_sha256"]: r["label"] for r in rows} == {
         a["image_sha256"]: "defect" if a["defect"] else "good" for a in line.answers.values()}
     assert all(r["bundle_hash"] == line.parent_hash for r in rows)
+    with ReadOnlyLog(line.db) as ro:  # what learn reads, beside the serving process
+        assert ro.feedback_rows() == rows
+        line.log.append(image_sha256=_defect(line)["image_sha256"], score=0.0, decision=False, threshold=1.0,
+                        bundle_hash=line.parent_hash, request_id="read-only-probe")
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            ro.add_feedback("read-only-probe", "good")
+    assert line.log.feedback_for("read-only-probe") is None
 
 
 def test_learn_reads_what_the_server_wrote_and_only_good_parts_enter(line: Line, learned: dict) -> None:
