@@ -13,10 +13,9 @@ from o2n_edge.runtime.coreset import (
     PROJECTION_DIM,
     StreamingCoreset,
     coreset_size,
-    first_row,
     greedy_coreset,
     projected,
-    projection,
+    selection_start,
 )
 
 
@@ -31,8 +30,9 @@ def _dists(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def reference_greedy(bank: np.ndarray, k: int, seed: int) -> np.ndarray:
     """The textbook loop in float64, on the same projection and first row."""
-    x = projected(bank, projection(bank.shape[1], seed)).astype(np.float64)
-    chosen = [first_row(len(x), seed)]
+    proj, first = selection_start(len(bank), bank.shape[1], seed)
+    x = projected(bank, proj).astype(np.float64)
+    chosen = [first]
     mind = np.linalg.norm(x - x[chosen[0]], axis=1)
     for _ in range(k - 1):
         mind[chosen] = -1.0
@@ -99,3 +99,17 @@ def test_streaming_keeps_the_budget_and_covers_every_block() -> None:
     for b in blocks:
         again.add(b)
     np.testing.assert_array_equal(rows, again.rows())
+
+
+def test_draws_the_projection_and_first_row_torch_drew() -> None:
+    """The replaced torch coreset's seeded draws, reproduced without torch (skipped without it)."""
+    torch = pytest.importorskip("torch")
+    for dim, seed in ((152, 0), (152, 3), (130, 1)):
+        g = torch.Generator().manual_seed(seed)
+        want = torch.randn(dim, PROJECTION_DIM, generator=g) / PROJECTION_DIM**0.5
+        first = int(torch.randint(75_264, (1,), generator=g))
+        proj, got_first = selection_start(75_264, dim, seed)
+        assert got_first == first
+        np.testing.assert_allclose(proj, want.numpy(), rtol=0, atol=1e-6)
+    g = torch.Generator().manual_seed(2)
+    assert selection_start(1000, 64, 2) == (None, int(torch.randint(1000, (1,), generator=g)))
