@@ -138,15 +138,20 @@ def run_case(case: str, data: Path, size: int, old_limit: float) -> dict:
     return out
 
 
-def timing(data: Path, old_limit: float) -> list[dict]:
-    rows = []
-    for case, size in (("tire4", 448), ("textile200", 448), ("tire4_old", 448)):
+TIMING_CASES = ("tire4", "textile200", "tire4_old")
+
+
+def timing(data: Path, old_limit: float, cases: list[str], previous: list[dict]) -> list[dict]:
+    """Run ``cases`` (each in its own process); the other cases keep their ``previous`` rows."""
+    rows = [r for r in previous if r["case"] not in cases]
+    for case in cases:
+        size = 448
         cmd = [sys.executable, "-m", "benchmarks.bank_build", "--case", case, "--image-size", str(size),
                "--data", str(data), "--old-limit", str(old_limit)]
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
         rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
-    return rows
+    return sorted(rows, key=lambda r: TIMING_CASES.index(r["case"]))
 
 
 def selection(data: Path) -> list[dict]:
@@ -212,6 +217,7 @@ def main() -> None:
     ap.add_argument("--part", choices=("timing", "selection", "all"), default="all")
     ap.add_argument("--data", type=Path, default=Path("../shared/data"))
     ap.add_argument("--old-limit", type=float, default=300.0, help="stop the removed torch coreset after this many s")
+    ap.add_argument("--cases", default=",".join(TIMING_CASES), help="timing cases to (re)run; the others are kept")
     ap.add_argument("--case", help=argparse.SUPPRESS)
     ap.add_argument("--image-size", type=int, default=448, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -223,7 +229,7 @@ def main() -> None:
     doc = json.loads(path.read_text()) if path.exists() else {}
     doc["machine"] = machine_stamp(1)
     if a.part in ("timing", "all"):
-        doc["timing"] = timing(a.data, a.old_limit)
+        doc["timing"] = timing(a.data, a.old_limit, a.cases.split(","), doc.get("timing", []))
     if a.part in ("selection", "all"):
         doc["selection"] = selection(a.data)
     print(write_result(a.out, NAME, doc, markdown(doc)))

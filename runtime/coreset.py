@@ -6,8 +6,9 @@ is close to a kept one). Why here and torch-free: a line device rebuilds its ban
 images without torch, and the offline ``eval``/``export`` use the same code, so a bundle's bank is
 the one its eval scored with.
 
-Why it is fast: the squared norms are computed once, and each kept row costs one float32
-mat-vec ``|x|^2 - 2 x.c + |c|^2`` into a preallocated buffer and an in-place minimum; distances
+Why it is fast: the squared norms are computed once, and each kept row costs at most one float32
+mat-vec ``|x|^2 - 2 x.c + |c|^2`` into a preallocated buffer (fewer rows once the triangle
+inequality rules the others out, see :func:`greedy_on`); distances
 are taken on a seeded random projection to ``PROJECTION_DIM`` dimensions (Johnson-Lindenstrauss),
 drawn as the torch implementation this replaces drew it, so the same rows are kept.
 A bank too big for one greedy pass (hundreds of good images) goes through
@@ -28,6 +29,9 @@ EXACT_MAX_ROWS = 100_000
 # Per-image stage: each image keeps OVERSAMPLE x its even share of the final rows, so the final
 # greedy still chooses where the coverage is needed instead of taking every image's share.
 OVERSAMPLE = 4
+# Greedy step: with more than 1/PRUNE_FULL_FRACTION of the rows to recompute, one mat-vec over
+# all rows is cheaper than gathering them (measured on a 448-px bank: 1/4 beat 1/2 and 1/8).
+PRUNE_FULL_FRACTION = 4
 
 
 def coreset_size(n: int, ratio: float, max_rows: int | None = None) -> int:
@@ -101,23 +105,49 @@ def greedy_on(x: np.ndarray, k: int, first: int) -> np.ndarray:
     """Greedy k-center on float32 rows ``x`` from row ``first``: the ``k`` kept indices in pick order.
 
     Each step keeps the row farthest from everything kept so far, then lowers every row's
-    distance-to-the-kept with one mat-vec against the new row. Kept rows are excluded explicitly,
-    so duplicate rows never make it keep a row twice.
+    distance-to-the-kept with one mat-vec against the new row. Why the pruning: once a row's
+    nearest kept row ``a`` is at distance ``r``, a new kept row ``c`` with ``|a - c| >= 2 r``
+    cannot come closer (triangle inequality), so only rows whose ``a`` is near ``c`` are
+    recomputed, from a mat-vec over the kept rows; late in the greedy that is a few percent of the
+    bank (about 2x faster on a 4-shot 448-px bank, the same picks). Kept rows are excluded
+    explicitly, so duplicate rows never make it keep a row twice.
     """
     n = x.shape[0]
     k = min(int(k), n)
     sq = np.einsum("ij,ij->i", x, x)
-    mind = np.full(n, np.inf, dtype=np.float32)
+    mind = np.full(n, np.inf, dtype=np.float32)  # squared distance to the nearest kept row
+    near = np.zeros(n, dtype=np.int32)  # which kept row (pick number) that is
+    kept_x = np.empty((k, x.shape[1]), dtype=np.float32)
+    kept_sq = np.empty(k, dtype=np.float32)
     buf = np.empty(n, dtype=np.float32)
     chosen = np.empty(k, dtype=np.int64)
     c = int(first)
     for j in range(k):
         chosen[j] = c
-        np.dot(x, x[c], out=buf)
-        buf *= np.float32(-2.0)
-        buf += sq
-        buf += sq[c]
-        np.minimum(mind, buf, out=mind)
+        xc = x[c]
+        cand = None
+        if j > 0:  # squared distances kept row -> c; a row can only improve if that is < 4 r^2
+            between = kept_sq[:j] - np.float32(2.0) * (kept_x[:j] @ xc) + sq[c]
+            cand = np.flatnonzero(between[near] < np.float32(4.0) * mind)
+            if len(cand) > n // PRUNE_FULL_FRACTION:
+                cand = None
+        kept_x[j], kept_sq[j] = xc, sq[c]
+        if cand is None:
+            np.dot(x, xc, out=buf)
+            buf *= np.float32(-2.0)
+            buf += sq
+            buf += sq[c]
+            closer = np.flatnonzero(buf < mind)
+            mind[closer] = buf[closer]
+        else:
+            d = x[cand] @ xc
+            d *= np.float32(-2.0)
+            d += sq[cand]
+            d += sq[c]
+            hit = d < mind[cand]
+            closer = cand[hit]
+            mind[closer] = d[hit]
+        near[closer] = j
         mind[c] = -np.inf
         if j + 1 < k:
             c = int(mind.argmax())
