@@ -117,3 +117,10 @@ def test_removed_options_are_unknown() -> None:
     for cmd in (["eval", "--category", "hazelnut"], ["export", "--category", "hazelnut"]):
         res = runner.invoke(app, cmd + ["--self-tune"])
         assert res.exit_code == 2 and "--self-tune" in res.output
+
+
+def test_export_refuses_a_bad_row_budget(shared_data: Path, tmp_path: Path) -> None:
+    """``export --bank-rows`` goes through the same profile option as ``eval``: refused before any model loads."""
+    res = runner.invoke(app, ["export", "--category", "hazelnut", "--data", str(shared_data / "hazelnut_toy"),
+                              "--bank-rows", "0", "--out", str(tmp_path / "b"), "--no-progress"])
+    assert res.exit_code == 2 and "--bank-rows must be a positive number" in res.output, res.output
