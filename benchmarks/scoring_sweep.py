@@ -240,7 +240,7 @@ def main() -> None:
                         ref = build_reference(shot_feats, cfg)
                         mb = ref.memory_bank
                         if a.coreset < 1.0:
-                            from o2n_edge.export.coreset import greedy_coreset
+                            from o2n_edge.runtime.coreset import greedy_coreset
                             mb = mb[greedy_coreset(mb, a.coreset, seed=0)]
                         gm = pool_map(tf["patch"], mb, NumpyBankSearch(mb))
                         c, sc = ref.norm_of("pool")

@@ -40,9 +40,9 @@ from o2n_edge.export.stages_prepare import (
     personalize,
     resolve_inputs,
 )
-from o2n_edge.export.stages_reference import MAX_BANK_ROWS, apply_coreset, build_reference, calibrate_threshold
+from o2n_edge.export.stages_reference import apply_coreset, build_reference, calibrate_threshold
 
-__all__ = ["MAX_BANK_ROWS", "MAX_CALIBRATION_IMAGES", "PARITY_IMAGES", "THRESHOLD_QUANTILE", "ExportOptions",
+__all__ = ["MAX_CALIBRATION_IMAGES", "PARITY_IMAGES", "THRESHOLD_QUANTILE", "ExportOptions",
            "ExportState", "ExportSummary", "calibration_images", "check_parity", "export_bundle", "student_record"]
 
 log = logging.getLogger("o2n_edge.export")

@@ -47,6 +47,7 @@ class ExportOptions:
     precision: str = "fp32"
     pool_size: int | None = None
     coreset_ratio: float | None = None
+    bank_rows: int | None = None  # memory-bank row budget (None = the profile's bank_max_rows)
     image_size: int | None = None  # encoder input side (None = the profile's; lite: 224 is the fast setting)
     stats_weight: float | None = None  # global statistics branch weight (None = the profile's)
     threshold_quantile: float = THRESHOLD_QUANTILE

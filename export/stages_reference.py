@@ -15,9 +15,6 @@ import numpy as np
 from o2n_edge.data import load_image
 from o2n_edge.export.export_state import ExportState, say
 
-MAX_BANK_ROWS = 50_000  # memory-bank bound applied by default (coreset above it)
-
-
 def build_reference(state: ExportState) -> None:
     """Encode the shots (augmented views), the pool and the personalized normals; build the reference.
 
@@ -50,24 +47,26 @@ def build_reference(state: ExportState) -> None:
 
 
 def apply_coreset(state: ExportState) -> None:
-    """Subsample the memory bank (greedy k-center) to the requested ratio, or to ``MAX_BANK_ROWS``.
+    """Subsample the memory bank (greedy k-center) to the requested ratio, within the profile's row budget.
 
     Why: nearest-neighbour search cost grows with the bank; PatchCore's coreset keeps the bank's
-    coverage at a fraction of its rows. ``state.coreset`` records what was done for the manifest.
+    coverage at a fraction of its rows, and ``Profile.bank_max_rows`` bounds it however many
+    shots there are. ``state.coreset`` records what was done for the manifest.
     """
+    from o2n_edge.runtime.coreset import PROJECTION_DIM, coreset_size, greedy_coreset
+
     reference = state.require_reference()
     bank_rows = int(reference.memory_bank.shape[0])
     info: dict[str, Any] = {"ratio": 1.0, "rows_before": bank_rows, "rows_after": bank_rows}
     wanted = state.opts.coreset_ratio if state.opts.coreset_ratio is not None else state.plan.profile.coreset_ratio
-    if (wanted is not None and wanted < 1.0) or bank_rows > MAX_BANK_ROWS:
-        from o2n_edge.export.coreset import greedy_coreset
-
-        ratio = wanted if wanted is not None and wanted < 1.0 else min(1.0, MAX_BANK_ROWS / bank_rows)
-        say(state.opts.progress, f"coreset: keeping {ratio:g} of {bank_rows} memory-bank rows")
-        idx = greedy_coreset(reference.memory_bank, ratio, seed=state.opts.seed, max_rows=MAX_BANK_ROWS)
+    ratio = wanted if wanted is not None else 1.0
+    max_rows = state.plan.profile.bank_max_rows
+    if coreset_size(bank_rows, ratio, max_rows) < bank_rows:
+        say(state.opts.progress, f"coreset: keeping {ratio:g} of {bank_rows} memory-bank rows (at most {max_rows})")
+        idx = greedy_coreset(reference.memory_bank, ratio, seed=state.opts.seed, max_rows=max_rows)
         reference.memory_bank = reference.memory_bank[idx]
-        info = {"ratio": float(ratio), "rows_before": bank_rows, "rows_after": int(len(idx)),
-                "method": "greedy k-center (PatchCore), random projection to 128 dims"}
+        info = {"ratio": float(ratio), "max_rows": int(max_rows), "rows_before": bank_rows, "rows_after": int(len(idx)),
+                "method": f"greedy k-center (PatchCore), random projection to {PROJECTION_DIM} dims"}
     state.coreset = info
 
 

@@ -9,18 +9,24 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
 from o2n_edge.data import Dataset, load_image, load_mask, sample_shots
+from o2n_edge.data.sampling import ALL_SHOTS, shot_count
 from o2n_edge.data.preprocess import resize_uint8
 from o2n_edge.detection_metrics import compute_metrics, mean_std
 from o2n_edge.profiles import Profile
 from o2n_edge.progress import progress_iter
 from o2n_edge.reference import augment_views, build_reference
-from o2n_edge.runtime.scoring import Scorer, ScoringConfig
+from o2n_edge.runtime.coreset import EXACT_MAX_ROWS, StreamingCoreset, coreset_size, greedy_coreset
+from o2n_edge.runtime.scoring import Reference, Scorer, ScoringConfig
 
+# With more shots than this, the standardization constants and the statistics bank come from
+# the first LOO_SHOTS shots (they are nested across shot counts): the leave-one-shot-out search
+# grows with shots squared, while constants from 8 good images already describe a good image.
+LOO_SHOTS = 8
 METRIC_KEYS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_pro")
 SCORE_BATCH = 16
 
@@ -81,7 +87,7 @@ class _FixedFeatures:
 def evaluate(
     dataset: Dataset,
     profile: Profile,
-    shots_list: Sequence[int],
+    shots_list: Sequence[int],  # ALL_SHOTS = every training good
     seeds: Sequence[int],
     branches: Sequence[str],
     normal_provider: NormalProvider | None = None,
@@ -92,8 +98,10 @@ def evaluate(
 ) -> dict:
     """Run the few-shot protocol and return the result document (JSON-ready).
 
+    ``shots_list``: shot counts; ``ALL_SHOTS`` (0) = every training good image of the category.
     ``coreset``: keep this fraction of the memory bank (greedy k-center, as ``export`` does with
     the profile's ratio), so the scores are those of the bank a bundle ships; None = whole bank.
+    Either way the bank holds at most ``profile.bank_max_rows`` rows, as an exported one does.
     ``on_run``: called with each finished run record (benchmarks write results incrementally).
     """
     from o2n_edge.encoders import build_encoder
@@ -111,35 +119,34 @@ def evaluate(
     for k in shots_list:
         for seed in seeds:
             t_run = time.perf_counter()
-            shot_paths = sample_shots(dataset.train_good, k, seed)
+            shot_paths = sample_shots(dataset.train_good, shot_count(k, len(dataset.train_good)), seed)
             config = ScoringConfig.from_profile(profile, tuple(branches))
             size = source.size
             if "text" in config.branches and text_features is None:
                 text_features = text_features_for(source.encoder, dataset.category)
             shot_imgs = [load_image(p, size, draft) for p in shot_paths]
-            shot_feats = [source.encode(augment_views(im)) for im in shot_imgs]
             pool_feats = shot_normal = None
             normal_of = None
             info: dict = {}
             if normal_provider is not None:
-                views = normal_provider(shot_paths, k, seed)
+                views = normal_provider(shot_paths, len(shot_paths), seed)
                 info = dict(views.info)
                 if views.pool is not None and "pool" in config.branches:
                     pool_feats = source.encode(resize_uint8(views.pool, size))
                 normal_of = views.normal_of
                 if "personalized" in config.branches:
                     assert normal_of is not None, "the run gives no normal versions"
-                    shot_normal = source.encode(resize_uint8(normal_of(np.stack(shot_imgs)), size))
-            reference = build_reference(shot_feats, config, text_features, pool_feats, shot_normal)
-            if coreset is not None and coreset < 1.0:
-                from o2n_edge.export.coreset import greedy_coreset
-
-                reference.memory_bank = reference.memory_bank[greedy_coreset(reference.memory_bank, coreset, seed=seed)]
+                    head_imgs = np.stack(shot_imgs[:LOO_SHOTS])
+                    shot_normal = source.encode(resize_uint8(normal_of(head_imgs), size))
+            reference, bank_info = shot_reference(
+                (source.encode(augment_views(im)) for im in shot_imgs), len(shot_imgs), config, text_features,
+                pool_feats, shot_normal, ratio=coreset, max_rows=profile.bank_max_rows, seed=seed)
+            info.update(bank_info)
             test_feats = source.test()
             images = source.images
             scorer = Scorer(config, reference)
             scores, maps = [], []
-            for start in progress_iter(range(0, len(samples), SCORE_BATCH), f"score k={k} seed={seed}", progress):
+            for start in progress_iter(range(0, len(samples), SCORE_BATCH), f"score k={len(shot_paths)} seed={seed}", progress):
                 idx = slice(start, start + SCORE_BATCH)
                 batch = {key: v[idx] for key, v in test_feats.items()}
                 normal_feats = None
@@ -154,7 +161,8 @@ def evaluate(
             all_maps = np.concatenate(maps) if source.masks is not None else None
             metrics = compute_metrics(labels, all_scores, source.masks, all_maps)
             run = {
-                "shots": k,
+                "shots": len(shot_paths),
+                **({"shots_requested": "all"} if k == ALL_SHOTS else {}),
                 "seed": seed,
                 "shot_images": [str(p.name) for p in shot_paths],
                 **metrics,
@@ -178,6 +186,66 @@ def evaluate(
         "summary": summarize(runs),
         "wall_s": round(time.perf_counter() - t_start, 3),
     }
+
+
+def shot_reference(shot_feats: Iterator[dict[str, np.ndarray]], n_shots: int, config: ScoringConfig,
+                   text_features: np.ndarray | None, pool_feats: dict[str, np.ndarray] | None,
+                   shot_normal: dict[str, np.ndarray] | None, ratio: float | None, max_rows: int | None,
+                   seed: int) -> tuple[Reference, dict]:
+    """The reference of ``n_shots`` shots whose features arrive one shot at a time, with its bank info.
+
+    Why streamed: at 448 px one shot's six views are 11 MB of patch features, so 200 shots would
+    hold 2.3 GB. The first ``LOO_SHOTS`` shots are kept whole for the constants; every shot's
+    patches feed the memory bank. A bank of at most ``EXACT_MAX_ROWS`` rows (every 1/2/4-shot bank
+    at 448 px) takes the exact greedy coreset over all its rows; a bigger one a per-image
+    coreset first (:class:`~o2n_edge.runtime.coreset.StreamingCoreset`).
+    """
+    from o2n_edge.reference import build_reference
+
+    ratio = 1.0 if ratio is None else ratio
+    head: list[dict[str, np.ndarray]] = []
+    tail_globals: list[np.ndarray] = []
+    blocks: list[np.ndarray] = []
+    stream: StreamingCoreset | None = None
+    coreset_s = 0.0
+    for i, f in enumerate(shot_feats):
+        patch = f["patch"].reshape(-1, f["patch"].shape[-1])
+        if i == 0:
+            pool_rows = 0 if pool_feats is None else int(np.prod(pool_feats["patch"].shape[:-1]))
+            total = patch.shape[0] * n_shots + pool_rows
+            if total > EXACT_MAX_ROWS:
+                stream = StreamingCoreset(n_shots + (pool_feats is not None), ratio, max_rows, seed)
+        if i < LOO_SHOTS:
+            head.append(f)
+        else:
+            tail_globals.append(f["global"])
+        if stream is not None:
+            t0 = time.perf_counter()
+            stream.add(patch)
+            coreset_s += time.perf_counter() - t0
+        elif i >= LOO_SHOTS:
+            blocks.append(patch)
+    reference = build_reference(head, config, text_features, pool_feats,
+                                None if shot_normal is None else {k: v[:len(head)] for k, v in shot_normal.items()})
+    t0 = time.perf_counter()
+    if tail_globals:
+        reference.global_bank = np.concatenate([reference.global_bank, *tail_globals]).astype(np.float32)
+    rows_before = int(reference.memory_bank.shape[0]) + sum(len(b) for b in blocks)
+    if stream is not None:
+        if pool_feats is not None:
+            stream.add(pool_feats["patch"].reshape(-1, pool_feats["patch"].shape[-1]))
+        rows_before = stream.rows_seen
+        reference.memory_bank = stream.rows()
+        method = "streaming"
+    else:
+        bank = np.concatenate([reference.memory_bank, *blocks]) if blocks else reference.memory_bank
+        if coreset_size(len(bank), ratio, max_rows) < len(bank):
+            bank = bank[greedy_coreset(bank, ratio, seed=seed, max_rows=max_rows)]
+        reference.memory_bank = np.ascontiguousarray(bank, dtype=np.float32)
+        method = "exact"
+    return reference, {"bank_rows": int(reference.memory_bank.shape[0]), "bank_rows_before": rows_before,
+                       "bank_method": method, "constants_shots": len(head),
+                       "coreset_s": round(coreset_s + time.perf_counter() - t0, 3)}
 
 
 def fixed_setting(profile: Profile) -> str:

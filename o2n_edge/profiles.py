@@ -81,10 +81,17 @@ class Profile:
     jpeg_draft: bool = False
     prompt_template: str = "a photo of sks {category}"
     # Export default: keep this fraction of the memory bank (greedy k-center); None = the whole
-    # bank up to export.build.MAX_BANK_ROWS. lite uses 0.1: measured on hazelnut, tire and
+    # bank up to ``bank_max_rows``. lite uses 0.1: measured on hazelnut, tire and
     # textile it costs no image AUROC and cuts the per-image time 2.6x
     # (benchmarks/results/variants_lite.md), at up to 2.4 points of pixel AUROC (tire).
     coreset_ratio: float | None = None
+    # Row budget of the memory bank, applied after the ratio in eval and export alike: the bank,
+    # and with it the per-image search, stays bounded however many good images are given. The
+    # default of 50,000 was export's fixed bound. lite's 8,192 is above its largest bank at
+    # today's shot counts (4 shots x 6 views x 3,136 patches at 448 px x 0.1 = 7,526 rows), so
+    # 1/2/4 shots keep exactly the bank the ratio gives; the cap bites only beyond that (5+
+    # shots at 448 px, 18+ at 224). ``--bank-rows`` overrides it.
+    bank_max_rows: int = 50_000
     # Branches used when --branches is not given; None = every branch the profile has. The
     # others stay available through --branches.
     default_branch_names: tuple[str, ...] | None = None
@@ -140,6 +147,7 @@ PROFILES: dict[str, Profile] = {
         diffusion=None,
         has_text=False,
         coreset_ratio=0.1,
+        bank_max_rows=8192,
         jpeg_draft=True,
         stats_weight=0.5,
         global_weight=0.0,
@@ -195,9 +203,13 @@ def with_stats_weight(profile: Profile, weight: float) -> Profile:
 
 
 def with_options(profile: Profile, *, image_size: int | None = None,
-                 stats_weight: float | None = None) -> Profile:
-    """The user's ``--image-size`` / ``--stats-weight`` applied in one order (``eval`` and
-    ``export`` share it, so a bundle scores as its eval did)."""
+                 stats_weight: float | None = None, bank_rows: int | None = None) -> Profile:
+    """The user's ``--image-size`` / ``--stats-weight`` / ``--bank-rows`` applied in one order
+    (``eval`` and ``export`` share it, so a bundle scores as its eval did)."""
+    if bank_rows is not None:
+        if isinstance(bank_rows, bool) or not isinstance(bank_rows, int) or bank_rows < 1:
+            raise ValueError(f"--bank-rows must be a positive number of memory-bank rows, got {bank_rows!r}")
+        profile = replace(profile, bank_max_rows=bank_rows)
     if image_size is not None:
         profile = with_image_size(profile, image_size)
     if stats_weight is not None:

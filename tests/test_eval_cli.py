@@ -55,6 +55,23 @@ def test_eval_lite_prints_its_setting_and_scores_with_the_coreset(shared_data: P
     assert doc["setting"].startswith("lite0@224 L2,4 k3 g1, border rings 0.15")
     assert f"setting: {doc['setting']} (fixed)" in res.output
     assert doc["runs"][0]["image_auroc"] > 0.9  # hazelnut's blue paint is easy at any setting
+    run = doc["runs"][0]  # 2 shots x 6 views x 784 patches, 10% kept, under lite's row budget
+    assert run["bank_rows_before"] == 9408 and run["bank_rows"] == 941 and run["bank_method"] == "exact"
+
+
+def test_eval_all_shots_within_the_row_budget(shared_data: Path, tmp_path: Path) -> None:
+    """``--shots all`` takes every training good; the bank stays within ``--bank-rows``, and the
+    run records how many shots and rows it used."""
+    out = tmp_path / "r.json"
+    res = runner.invoke(app, ["eval", "--data", str(shared_data / "hazelnut_toy"), "--category", "hazelnut",
+                              "--profile", "tiny", "--branches", "pool", "--shots", "2,all", "--seeds", "0",
+                              "--bank-rows", "50", "--no-progress", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    two, every = json.loads(out.read_text())["runs"]
+    assert two["shots"] == 2 and "shots_requested" not in two
+    assert every["shots"] == 28 and every["shots_requested"] == "all" and len(every["shot_images"]) == 28
+    assert every["bank_rows"] == 50 < every["bank_rows_before"] and every["constants_shots"] == 8
+    assert two["bank_rows"] == 50 and set(two["shot_images"]) < set(every["shot_images"])
 
 
 @pytest.mark.parametrize(
@@ -63,6 +80,8 @@ def test_eval_lite_prints_its_setting_and_scores_with_the_coreset(shared_data: P
         (["--data", "/nonexistent/o2n", "--category", "pcb"], "/nonexistent/o2n"),
         (["--category", "hazelnut", "--profile", "huge"], "unknown profile"),
         (["--category", "hazelnut", "--shots", "one"], "--shots"),
+        (["--category", "hazelnut", "--shots", "0"], "--shots"),
+        (["--category", "hazelnut", "--bank-rows", "0"], "--bank-rows"),
         (["--category", "hazelnut", "--branches", "text", "--profile", "lite"], "not available"),
         (["--category", "hazelnut", "--branches", "personalized", "--profile", "tiny"], "--run"),
         # lite is the memory-bank detector: no transform, no personalization
@@ -98,3 +117,10 @@ def test_removed_options_are_unknown() -> None:
     for cmd in (["eval", "--category", "hazelnut"], ["export", "--category", "hazelnut"]):
         res = runner.invoke(app, cmd + ["--self-tune"])
         assert res.exit_code == 2 and "--self-tune" in res.output
+
+
+def test_export_refuses_a_bad_row_budget(shared_data: Path, tmp_path: Path) -> None:
+    """``export --bank-rows`` goes through the same profile option as ``eval``: refused before any model loads."""
+    res = runner.invoke(app, ["export", "--category", "hazelnut", "--data", str(shared_data / "hazelnut_toy"),
+                              "--bank-rows", "0", "--out", str(tmp_path / "b"), "--no-progress"])
+    assert res.exit_code == 2 and "--bank-rows must be a positive number" in res.output, res.output

@@ -10,6 +10,7 @@ import typer
 
 from o2n_edge.cli.common import (
     USER_ERRORS,
+    BankRowsOpt,
     DataOpt,
     DatasetOpt,
     ImageSizeOpt,
@@ -36,7 +37,8 @@ def export_cmd(
     pool_size: Optional[int] = typer.Option(None, "--pool-size", help="Generated images added to the memory bank (0 = shots only)."),
     image_size: Optional[int] = ImageSizeOpt,
     stats_weight: Optional[float] = StatsWeightOpt,
-    coreset: Optional[float] = typer.Option(None, "--coreset", help="Keep this fraction of the memory bank (greedy k-center; 1 = whole bank); default: the profile's (lite 0.1; others only above 50,000 rows)."),
+    coreset: Optional[float] = typer.Option(None, "--coreset", help="Keep this fraction of the memory bank (greedy k-center; 1 = whole bank); default: the profile's (lite 0.1; others 1), within --bank-rows."),
+    bank_rows: Optional[int] = BankRowsOpt,
     quantile: float = typer.Option(0.99, "--threshold-quantile", help="Threshold = this quantile of held-out good images' scores."),
     trt: bool = typer.Option(False, "--trt", help="Also build TensorRT engines (needs an NVIDIA GPU and o2n-edge[trt])."),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle and redo every export stage."),
@@ -61,7 +63,7 @@ def export_cmd(
         summary = export_bundle(ExportOptions(
             category=category, out=target, profile=profile, data=data,
             dataset=None if dataset == "auto" else dataset, shots=shots, seed=seed, run_dir=run, runs_dir=runs_dir,
-            branches=branches, precision=precision, pool_size=pool_size, coreset_ratio=coreset,
+            branches=branches, precision=precision, pool_size=pool_size, coreset_ratio=coreset, bank_rows=bank_rows,
             image_size=image_size, stats_weight=stats_weight,
             threshold_quantile=quantile, force=force, progress=progress,
             personalize_steps=personalize_steps, distill_steps=distill_steps, base_model=base_model,

@@ -58,6 +58,28 @@ def parse_int_list(text: str, what: str) -> list[int]:
     return values
 
 
+def parse_shots(text: str) -> list[int]:
+    """'1,4,all' -> [1, 4, ALL_SHOTS]: ``all`` is every training good image of the category."""
+    from o2n_edge.data.sampling import ALL_SHOTS
+
+    values = []
+    for part in (x.strip() for x in text.split(",")):
+        if not part:
+            continue
+        if part.lower() == "all":
+            values.append(ALL_SHOTS)
+            continue
+        try:
+            values.append(int(part))
+        except ValueError:
+            fail(f"--shots must be a comma list of shot counts or 'all', got {text!r}")
+        if values[-1] < 1:
+            fail(f"--shots must be positive shot counts or 'all', got {text!r}")
+    if not values:
+        fail("--shots is empty")
+    return values
+
+
 def write_json(path: Path, doc: dict) -> None:
     """Atomic JSON write: a crash never leaves half a result file."""
     atomic_write_json(path, doc)
@@ -67,6 +89,7 @@ DataOpt = typer.Option(None, "--data", envvar="O2N_DATA", help="Data set root di
 DatasetOpt = typer.Option("auto", "--dataset", help="Layout: auto (detect), mvtec, visa, folder, or textile (the built-in demo set, needs o2n-edge[demo]).")
 StatsWeightOpt = typer.Option(None, "--stats-weight", help="Weight of the global statistics branch, which finds whole-image defects (0 = off; default: the profile's, lite 0.5). Lower it where good parts vary in lighting and no whole-image defect is expected.")
 ImageSizeOpt = typer.Option(None, "--image-size", help="Encoder input side in px (default: the profile's; lite 448 sees small defects, 224 is ~9x faster per image; see docs/decisions/lite-detection-core.md).")
+BankRowsOpt = typer.Option(None, "--bank-rows", help="Row budget of the memory bank after the coreset ratio (default: the profile's; lite 8192, which 1/2/4 shots at 448 px stay under), so many shots keep the per-image search bounded.")
 ProfileOpt = typer.Option("lite", "--profile", help="Model profile: tiny (tests), lite (CPU, real scores), sd15 (GPU production).")
 
 BundleOpt = typer.Option(..., "--bundle", help="A bundle directory written by `o2n-edge export`.", exists=False)

@@ -9,6 +9,7 @@ import typer
 
 from o2n_edge.cli.common import (
     USER_ERRORS,
+    BankRowsOpt,
     DataOpt,
     DatasetOpt,
     ImageSizeOpt,
@@ -17,6 +18,7 @@ from o2n_edge.cli.common import (
     app,
     fail,
     parse_int_list,
+    parse_shots,
     write_json,
 )
 
@@ -26,7 +28,7 @@ def eval_cmd(
     data: Optional[Path] = DataOpt,
     dataset: str = DatasetOpt,
     category: Optional[str] = typer.Option(None, "--category", help="Category to evaluate (e.g. hazelnut, pcb); 'textile' for the demo set."),
-    shots: str = typer.Option("1,2,4", "--shots", help="Comma list of shot counts k (normal training images used)."),
+    shots: str = typer.Option("1,2,4", "--shots", help="Comma list of shot counts k (normal training images used); 'all' = every training good image (textile: its 100 training images; the bank stays within --bank-rows)."),
     seeds: str = typer.Option("0,1,2", "--seeds", help="Comma list of seeds; each seed draws different shots."),
     profile: str = ProfileOpt,
     branches: Optional[str] = typer.Option(None, "--branches", help="Comma list of personalized, pool, text (default: every branch the profile has that needs no personalized run, or all with --run/--personalize)."),
@@ -38,7 +40,8 @@ def eval_cmd(
     split_csv: Optional[Path] = typer.Option(None, "--split-csv", help="VisA official split csv (default: <data>/split_csv/1cls.csv when present)."),
     image_size: Optional[int] = ImageSizeOpt,
     stats_weight: Optional[float] = StatsWeightOpt,
-    coreset: Optional[float] = typer.Option(None, "--coreset", help="Score with this fraction of the memory bank, as an exported bundle does (greedy k-center; 1 = whole bank); default: the profile's (lite 0.1)."),
+    coreset: Optional[float] = typer.Option(None, "--coreset", help="Score with this fraction of the memory bank, as an exported bundle does (greedy k-center; 1 = whole bank, up to --bank-rows); default: the profile's (lite 0.1)."),
+    bank_rows: Optional[int] = BankRowsOpt,
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result document (per run and mean ± std) to this JSON file."),
     markdown_out: Optional[Path] = typer.Option(None, "--markdown", help="Also write the table as markdown to this file."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars on stderr."),
@@ -54,7 +57,8 @@ def eval_cmd(
             category = "textile"
         if category is None:
             fail("--category is required (e.g. --category hazelnut), except with --dataset textile")
-        prof = with_options(get_profile(profile), image_size=image_size, stats_weight=stats_weight)
+        prof = with_options(get_profile(profile), image_size=image_size, stats_weight=stats_weight,
+                            bank_rows=bank_rows)
         if coreset is not None and not 0.0 < coreset <= 1.0:
             fail(f"--coreset must be a fraction in (0, 1] (1 = the whole bank), got {coreset}")
         ratio = coreset if coreset is not None else prof.coreset_ratio
@@ -73,7 +77,7 @@ def eval_cmd(
                                             personalize_steps=personalize_steps, distill_steps=distill_steps)
         elif "personalized" in chosen:
             fail("--branches personalized needs --run RUN_DIR or --personalize")
-        result = evaluate(ds, prof, parse_int_list(shots, "--shots"), parse_int_list(seeds, "--seeds"), chosen,
+        result = evaluate(ds, prof, parse_shots(shots), parse_int_list(seeds, "--seeds"), chosen,
                           normal_provider=provider, progress=progress,
                           coreset=ratio if ratio is not None and ratio < 1.0 else None)
     except typer.Exit:

@@ -13,6 +13,16 @@ from pathlib import Path
 
 import numpy as np
 
+# A shot count meaning every training good image (``eval --shots all``): the most a user can
+# give; its cost is bounded by the bank's row budget (``Profile.bank_max_rows``), not by the
+# number of images. Resolved by :func:`shot_count`; ``sample_shots`` itself still refuses 0.
+ALL_SHOTS = 0
+
+
+def shot_count(k: int, available: int) -> int:
+    """``k``, or every available image for ``ALL_SHOTS``."""
+    return available if k == ALL_SHOTS else k
+
 
 def sample_shots(train_good: Sequence[Path], k: int, seed: int) -> list[Path]:
     """Draw ``k`` distinct training good images with ``seed`` (nested across k for one seed)."""
