@@ -154,7 +154,8 @@ def markdown(doc: dict[str, Any]) -> str:
              f"Stream: unused training goods + half the test set, seed {doc['seed']}; the simulated operator labels "
              f"every rejected image and {100 * doc['sample']:g}% of passed ones (true labels); `learn` every "
              f"{doc['every']} images (holdout 0.3). Measured on the other half of the test set (never fed): "
-             "false-reject (FRR) and escape rates at each generation's threshold, and image AUROC.", ""]
+             "false-reject (FRR) and escape rates at each generation's threshold, and image AUROC. Bank constants: "
+             f"`{doc.get('constants', 'remeasure')}` (learn_bank).", ""]
     for c in doc["categories"]:
         lines += [f"## {c['category']}", "",
                   f"stream {c['n_stream']} images ({c['n_stream_defects']} defects); evaluation slice {c['n_eval']} "
