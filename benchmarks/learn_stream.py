@@ -59,7 +59,8 @@ def _evaluate(bundle: Path, evals: list[tuple[bytes, int]]) -> dict[str, Any]:
 
 
 def run_stream(parent: Path, stream: list[tuple[bytes, int]], evals: list[tuple[bytes, int]], work: Path, *,
-               every: int, sample: float, auto_good: float | None, seed: int) -> dict[str, Any]:
+               every: int, sample: float, auto_good: float | None, seed: int,
+               constants: str = "pooled") -> dict[str, Any]:
     """Feed ``stream`` through the bundle, learning every ``every`` images; one row per generation."""
     from o2n_edge.runtime.learn_bundle import LearnOptions, learn
     from o2n_edge.runtime.learn_vetting import LearnError
@@ -97,7 +98,8 @@ def run_stream(parent: Path, stream: list[tuple[bytes, int]], evals: list[tuple[
         if i % every == 0 or i == len(stream):
             out = work / f"gen{gen + 1}"
             try:
-                s = learn(LearnOptions(bundle=current, log=db, images=keep, out=out, auto_good=auto_good, seed=seed))
+                s = learn(LearnOptions(bundle=current, log=db, images=keep, out=out, auto_good=auto_good, seed=seed,
+                                       constants=constants))
             except LearnError as exc:
                 rows.append({"seen": i, "generation": gen, "learn": f"skipped: {exc}"[:200]})
                 continue
@@ -112,7 +114,8 @@ def run_stream(parent: Path, stream: list[tuple[bytes, int]], evals: list[tuple[
     return {"rows": rows, "stream": stream_counts}
 
 
-def study(category: str, *, every: int, sample: float, auto_good: float, seed: int, work: Path) -> dict[str, Any]:
+def study(category: str, *, every: int, sample: float, auto_good: float, seed: int, work: Path,
+          constants: str = "pooled", verdicts_only: bool = False) -> dict[str, Any]:
     """Export the 4-shot parent, draw the stream and the evaluation slice, run both streams."""
     from o2n_edge.data import load_dataset, sample_shots
     from o2n_edge.export.build import ExportOptions, export_bundle
@@ -136,9 +139,11 @@ def study(category: str, *, every: int, sample: float, auto_good: float, seed: i
                            "n_stream_defects": sum(y for _, y in stream), "n_eval": len(evals),
                            "n_eval_defects": sum(y for _, y in evals)}
     for name, ag in (("verdicts", None), (f"verdicts+auto-good {auto_good:g}", auto_good)):
+        if verdicts_only and ag is not None:
+            continue
         t0 = time.perf_counter()
         out[name] = run_stream(parent, stream, evals, work / name.replace(" ", "_"), every=every, sample=sample,
-                               auto_good=ag, seed=seed)
+                               auto_good=ag, seed=seed, constants=constants)
         out[name]["wall_s"] = round(time.perf_counter() - t0, 1)
     return out
 
@@ -149,7 +154,8 @@ def markdown(doc: dict[str, Any]) -> str:
              f"Stream: unused training goods + half the test set, seed {doc['seed']}; the simulated operator labels "
              f"every rejected image and {100 * doc['sample']:g}% of passed ones (true labels); `learn` every "
              f"{doc['every']} images (holdout 0.3). Measured on the other half of the test set (never fed): "
-             "false-reject (FRR) and escape rates at each generation's threshold, and image AUROC.", ""]
+             "false-reject (FRR) and escape rates at each generation's threshold, and image AUROC. Bank constants: "
+             f"`{doc.get('constants', 'remeasure')}` (learn_bank).", ""]
     for c in doc["categories"]:
         lines += [f"## {c['category']}", "",
                   f"stream {c['n_stream']} images ({c['n_stream_defects']} defects); evaluation slice {c['n_eval']} "
@@ -178,15 +184,20 @@ def main() -> None:
     ap.add_argument("--sample", type=float, default=0.1)
     ap.add_argument("--auto-good", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--constants", choices=("pooled", "keep", "remeasure"), default="pooled",
+                    help="how learn sets the bank's standardization constants (pooled: the shipped rule)")
+    ap.add_argument("--verdicts-only", action="store_true", help="skip the auto-good stream (quick comparisons)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     doc: dict[str, Any] = {"machine": machine_stamp(0), "seed": args.seed, "every": args.every,
-                           "sample": args.sample, "auto_good": args.auto_good, "categories": []}
+                           "sample": args.sample, "auto_good": args.auto_good, "constants": args.constants,
+                           "categories": []}
     work = Path(tempfile.mkdtemp(prefix="learn_stream-"))
     try:
         for cat in args.categories.split(","):
             doc["categories"].append(study(cat, every=args.every, sample=args.sample, auto_good=args.auto_good,
-                                           seed=args.seed, work=work / cat))
+                                           seed=args.seed, work=work / cat, constants=args.constants,
+                                           verdicts_only=args.verdicts_only))
             print(f"{cat}: done", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)

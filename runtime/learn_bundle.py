@@ -47,6 +47,7 @@ class LearnOptions:
     max_rows: int | None = None
     skip_conflicts: bool = False
     force: bool = False
+    constants: str = "pooled"  # learn_bank.CONSTANT_RULES; anything but "pooled" is for studies
 
 
 @dataclass
@@ -69,6 +70,18 @@ def verified_manifest(path: Path) -> BundleManifest:
     if problems:
         raise LearnError(f"{path} does not verify:\n  " + "\n  ".join(problems))
     return load_manifest(path)
+
+
+def parent_image_count(md: BundleManifest) -> int:
+    """How many good images the parent's constants stand on: its shots plus every image its lineage added.
+
+    The pooling weight of the parent's constants (learn_bank): a 4-shot export weighs 4, its child
+    after 3 added images 7, and so on.
+    """
+    shots = md.shots
+    k = (shots.k if shots and shots.k else len(shots.images or []) if shots else 0) or 1
+    old = md.lineage
+    return int(k + (len(old.earlier or []) + len(old.added or []) if old else 0))
 
 
 def _decode(pipe: Any, items: list[KeptImage], skipped: list[dict[str, Any]]) -> tuple[list[KeptImage], list[np.ndarray]]:
@@ -116,7 +129,8 @@ def learn(opts: LearnOptions, say: Callable[[str], None] = lambda _m: None) -> L
     ratio = float(coreset.get("ratio", 1.0))
     max_rows = min(opts.max_rows or MAX_BANK_ROWS, MAX_BANK_ROWS)
     reference, cinfo = extend_reference(pipe.scorer.reference, pipe.params, encode_views(pipe, bank_imgs),
-                                        ratio=ratio, max_rows=max_rows, seed=opts.seed)
+                                        ratio=ratio, max_rows=max_rows, seed=opts.seed, constants=opts.constants,
+                                        parent_images=parent_image_count(md))
     say(f"memory bank: {cinfo['rows_parent']} + {cinfo['rows_added']} rows -> {cinfo['rows_after']}")
     parent_t = need(md.threshold, "threshold")
     quantile = float(parent_t.quantile if parent_t.quantile is not None else 0.99)
@@ -160,7 +174,7 @@ def _child_manifest(md: BundleManifest, parent_dir: Path, reference: Any, config
         created_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         added=[k.record() for k in added], earlier=earlier,
         calibration=[{**k.record(), "score": float(s)} for k, s in zip(calibration, cal_scores)],
-        skipped=skipped, threshold=trec).to_dict()
+        skipped=skipped, threshold=trec, constants=cinfo.get("constants")).to_dict()
     return out
 
 

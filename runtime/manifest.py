@@ -293,6 +293,7 @@ class Lineage(Section):
     calibration: list[dict[str, Any]] | None = _key((list,), items=(dict,))
     skipped: list[dict[str, Any]] | None = _key((list,), items=(dict,))
     threshold: dict[str, Any] | None = _key((dict,))  # parent's and new value, whether recalibrated
+    constants: dict[str, Any] | None = _key((dict,))  # the rule that set the bank's constants, and its weights
 
 
 @dataclass(kw_only=True)

@@ -270,3 +270,38 @@ def test_numpy_coreset_is_a_k_center_subset() -> None:
     assert len(idx) == 10 and np.all(np.diff(idx) > 0)
     assert sorted(set(idx // 50)) == list(range(10))
     assert len(greedy_coreset(bank, 0.5, max_rows=20)) == 20 and len(greedy_coreset(bank, 1.0)) == 500
+
+
+def test_one_added_image_moves_the_constants_by_at_most_its_pooling_weight(lite: Path, shared_data: Path) -> None:
+    from o2n_edge.runtime.learn_bank import encode_views, extend_reference
+    from o2n_edge.runtime.pipeline import OrtPipeline, SessionOptions
+
+    pipe = OrtPipeline(lite, SessionOptions(bank_search="numpy"))
+    img = next(iter(sorted((shared_data / "hazelnut_toy" / "hazelnut" / "train" / "good").iterdir())))
+    feats = encode_views(pipe, [pipe.decode(img.read_bytes(), img.name)])
+    parent = pipe.scorer.reference
+    got = {rule: extend_reference(parent, pipe.params, feats, ratio=0.1, max_rows=50_000, constants=rule,
+                                  parent_images=4) for rule in ("remeasure", "pooled", "keep")}
+    fresh, pooled, kept = (got[r][0] for r in ("remeasure", "pooled", "keep"))
+    assert set(fresh.norm) >= {"pool", "global_pool", "global_stats"}
+    from o2n_edge.runtime.scoring import feature_stats, stats_distance
+
+    one = stats_distance(feature_stats(feats[0]["patch"])[:1], parent.stats_bank.astype(np.float64),
+                         parent.stats_scale.astype(np.float64))  # measured in the parent's statistics unit
+    new = {"pool": fresh.norm["pool"][0], "global_pool": fresh.norm["global_pool"][0],
+           "global_stats": float(np.mean(one))}
+    for k in ("pool", "global_pool", "global_stats"):
+        moved, full = pooled.norm[k][0] - parent.norm[k][0], new[k] - parent.norm[k][0]
+        assert moved == pytest.approx(full / 5, rel=1e-5, abs=1e-9)  # 1 image against 4: a fifth of the way
+        assert kept.norm[k] == parent.norm[k]
+    for (pc, _), (fc, _), (qc, _) in zip(parent.ring_norm["pool"], fresh.ring_norm["pool"], pooled.ring_norm["pool"]):
+        assert abs(qc - pc) <= abs(fc - pc) / 5 + 1e-9
+    assert np.array_equal(pooled.stats_scale, parent.stats_scale)  # the pooled distances share one unit
+    assert got["pooled"][1]["constants"] == {"rule": "pooled", "parent_images": 4, "added_images": 1}
+    assert pooled.memory_bank.shape[0] > parent.memory_bank.shape[0]  # the banks grow under every rule
+
+
+def test_the_lineage_names_the_constants_rule_and_its_weights(lite: Path, line: dict) -> None:
+    s = learn(_opts(lite, line, holdout=0.5))
+    lin = load_manifest(line["tmp"] / "child").lineage
+    assert lin is not None and lin.constants == {"rule": "pooled", "parent_images": 2, "added_images": len(s.added)}
