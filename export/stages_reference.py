@@ -61,6 +61,7 @@ def apply_coreset(state: ExportState) -> None:
     wanted = state.opts.coreset_ratio if state.opts.coreset_ratio is not None else state.plan.profile.coreset_ratio
     ratio = wanted if wanted is not None else 1.0
     max_rows = state.plan.profile.bank_max_rows
+    info["max_rows"] = int(max_rows)  # the row budget `learn` keeps when it grows the bank
     if coreset_size(bank_rows, ratio, max_rows) < bank_rows:
         say(state.opts.progress, f"coreset: keeping {ratio:g} of {bank_rows} memory-bank rows (at most {max_rows})")
         idx = greedy_coreset(reference.memory_bank, ratio, seed=state.opts.seed, max_rows=max_rows)

@@ -127,7 +127,10 @@ def learn(opts: LearnOptions, say: Callable[[str], None] = lambda _m: None) -> L
     say(f"encoding {len(bank_items)} images (augmented views) with the bundle's image encoder")
     coreset = (md.memory_bank.coreset or {}) if md.memory_bank else {}
     ratio = float(coreset.get("ratio", 1.0))
-    max_rows = min(opts.max_rows or MAX_BANK_ROWS, MAX_BANK_ROWS)
+    # the row budget the bundle was exported with (its profile's), so a learned bank costs the line
+    # what the parent's did; --max-rows can only lower it
+    budget = int(coreset.get("max_rows") or MAX_BANK_ROWS)
+    max_rows = min(opts.max_rows or budget, budget)
     reference, cinfo = extend_reference(pipe.scorer.reference, pipe.params, encode_views(pipe, bank_imgs),
                                         ratio=ratio, max_rows=max_rows, seed=opts.seed, constants=opts.constants,
                                         parent_images=parent_image_count(md))

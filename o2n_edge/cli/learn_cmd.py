@@ -23,7 +23,7 @@ def learn_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="The NEW bundle to write (learn), or where to copy the parent (--rollback)."),
     auto_good: Optional[float] = typer.Option(None, "--auto-good", help="Also add images the parent scored below this quantile of its calibration scores that carry no verdict (off by default)."),
     holdout: float = typer.Option(0.3, "--holdout", help="Fraction of newly good-marked images held out of the bank to recalibrate the threshold."),
-    max_rows: Optional[int] = typer.Option(None, "--max-rows", help="Row budget of the memory bank (default and upper bound: the export's 50,000); smaller keeps latency down."),
+    max_rows: Optional[int] = typer.Option(None, "--max-rows", help="Row budget of the memory bank (default and upper bound: the bundle's own, as exported; lite 8,192); smaller keeps latency down."),
     seed: int = typer.Option(0, "--seed", help="Seed of the calibration split and the coreset."),
     skip_conflicts: bool = typer.Option(False, "--skip-conflicts", help="Leave out images marked both good and defect instead of stopping."),
     rollback: Optional[Path] = typer.Option(None, "--rollback", help="A learned bundle: check its parent still verifies and print it (copy it to --out when given)."),
