@@ -20,7 +20,7 @@ import numpy as np
 from o2n_edge._lazy import require
 from o2n_edge.runtime.bundle import ORT_DISABLED_OPTIMIZERS
 
-from .bundle_writer import producing_versions
+from o2n_edge.runtime.bundle_writer import producing_versions
 from .specs import ExportSpec, spec_digest
 from .validate import real_cases
 

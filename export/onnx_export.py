@@ -36,7 +36,7 @@ from o2n_edge._lazy import require
 from o2n_edge.atomic import atomic_write_text
 from o2n_edge.runtime.engine_cache import model_digest
 
-from .bundle_writer import producing_versions
+from o2n_edge.runtime.bundle_writer import producing_versions
 from .export_record import (  # noqa: F401 (sidecar_path and state_digest re-exported)
     HASH_VERSIONS,
     ExportReport,

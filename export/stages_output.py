@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from o2n_edge.export.bundle_writer import json_default
+from o2n_edge.runtime.bundle_writer import json_default
 from o2n_edge.export.export_state import ExportState, say
 from o2n_edge.runtime.manifest import (
     BundleManifest,
@@ -161,7 +161,7 @@ def write_bundle(state: ExportState) -> None:
 
     Only the arrays the branches use are written; ``state.manifest`` is the manifest as written.
     """
-    from o2n_edge.export.bundle_writer import BundleWriter
+    from o2n_edge.runtime.bundle_writer import BundleWriter
 
     reference, config = state.require_reference(), state.plan.config
     manifest = build_manifest(state)

@@ -11,7 +11,7 @@ This module is numpy-only (json/hashlib/pathlib + numpy); it never imports torch
 Layout::
 
     <bundle>/
-      manifest.json          (written last by ``o2n_edge.export.bundle_writer.BundleWriter``)
+      manifest.json          (written last by ``o2n_edge.runtime.bundle_writer.BundleWriter``)
       unet.onnx [+ unet.onnx.data]  vae_encoder.onnx  vae_decoder.onnx  image_encoder.onnx
       prompt_embeds.npy  memory_bank.npy  [text_features.npy]
       engines/               optional, built on the target device; NOT listed in ``files``

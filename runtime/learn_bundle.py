@@ -2,7 +2,7 @@
 
 Why a new bundle and never an edit: every change to what the line accepts must be reviewable and
 undoable. The parent is only read; the child is staged beside ``out`` and renamed in whole by
-:class:`~o2n_edge.export.bundle_writer.BundleWriter` (torch-free), so a run killed midway leaves
+:class:`~o2n_edge.runtime.bundle_writer.BundleWriter` (torch-free), so a run killed midway leaves
 the parent as it was and no half-written child. The child's manifest names its ``lineage``
 (:class:`~o2n_edge.runtime.manifest.Lineage`): the parent's hash and path, every image added and
 the rule that let it in, the held-out calibration images, the skipped images and why. Rollback
@@ -184,7 +184,7 @@ def _child_manifest(md: BundleManifest, parent_dir: Path, reference: Any, config
 def write_child(parent_dir: Path, out: Path, md: BundleManifest, reference: Any, manifest: dict[str, Any],
                 force: bool = False) -> dict[str, Any]:
     """Stage the parent's other files, the new arrays and the manifest; rename in whole (or nothing)."""
-    from o2n_edge.export.bundle_writer import BundleWriter
+    from o2n_edge.runtime.bundle_writer import BundleWriter
 
     with BundleWriter(out, force=force) as w:
         for name in md.files:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from o2n_edge.export.bundle_writer import BundleWriter
+from o2n_edge.runtime.bundle_writer import BundleWriter
 from o2n_edge.runtime.bundle import (
     SCHEMA_VERSION,
     BundleError,

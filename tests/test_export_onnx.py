@@ -16,7 +16,7 @@ ort = pytest.importorskip("onnxruntime")
 
 from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
 
-from o2n_edge.export.bundle_writer import BundleWriter  # noqa: E402
+from o2n_edge.runtime.bundle_writer import BundleWriter  # noqa: E402
 from o2n_edge.export.onnx_export import export_onnx, sidecar_path  # noqa: E402
 from o2n_edge.export.specs import (  # noqa: E402
     ExportSpec,

@@ -146,3 +146,14 @@ def test_no_runtime_module_imports_torch_when_loaded() -> None:
                 offenders.append(f"{path.relative_to(ROOT)}:{line}")
     assert not offenders, "the runtime imports torch at module level: " + ", ".join(offenders)
 
+
+
+def test_data_flows_one_way() -> None:
+    """The line side never reaches back into the offline stage: the runtime imports no exporter,
+    diffusion, encoder, evaluation or CLI module (a bundle is written and read by the runtime's own
+    bundle writer and manifest, which the exporter uses too)."""
+    graph = import_graph()
+    upstream = ("o2n_edge.export", "o2n_edge.diffusion", "o2n_edge.encoders", "o2n_edge.cli", "o2n_edge.evaluation")
+    offenders = sorted(f"{mod} -> {dep}" for mod, deps in graph.items() if mod.startswith("o2n_edge.runtime")
+                       for dep in deps if dep.startswith(upstream))
+    assert not offenders, "the runtime imports the offline stage:\n" + "\n".join(offenders)

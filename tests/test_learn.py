@@ -176,7 +176,7 @@ def test_nothing_vetted_is_an_error_and_writes_nothing(lite: Path, line: dict, t
 
 def test_a_run_killed_midway_leaves_the_parent_whole_and_no_new_bundle(lite: Path, line: dict,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    from o2n_edge.export.bundle_writer import BundleWriter
+    from o2n_edge.runtime.bundle_writer import BundleWriter
 
     before = (lite / "manifest.json").read_bytes()
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from o2n_edge.export.bundle_writer import BundleWriter
+from o2n_edge.runtime.bundle_writer import BundleWriter
 from o2n_edge.runtime.bundle import load_bundle
 from o2n_edge.runtime.manifest import (
     SCHEMA_VERSION,

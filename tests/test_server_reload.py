@@ -296,7 +296,7 @@ def test_reload_verifies_a_real_bundle_format(tmp_path: Path) -> None:
     """Through the real verifier (load_bundle): a tampered array is refused, an intact bundle swaps in."""
     from fakes import FakeInspector
 
-    from o2n_edge.export.bundle_writer import BundleWriter
+    from o2n_edge.runtime.bundle_writer import BundleWriter
     from o2n_edge.runtime.bundle import load_bundle
 
     def write(out: Path, bank_value: float) -> Path:
