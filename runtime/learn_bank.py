@@ -52,7 +52,7 @@ from o2n_edge.runtime.scoring import (
 )
 
 Features = dict[str, np.ndarray]
-MAX_BANK_ROWS = 50_000  # the export's bound on the memory bank (export.stages_reference.MAX_BANK_ROWS)
+MAX_BANK_ROWS = 50_000  # upper bound for bundles that do not record their row budget (the non-lite profiles' cap)
 MAX_STANDARDIZATION_IMAGES = 32  # leave-one-out constants measured on at most this many added images
 CONSTANT_RULES = ("pooled", "keep", "remeasure")
 Norm = tuple[float, float]
