@@ -33,8 +33,6 @@ from o2n_edge.bench.latency_report import stamp_lines
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 ROOTS = {"hazelnut": (DATA / "hazelnut_toy", "auto"), "tire": (DATA / "mvtec3d_rgb", "auto"), "textile": (None, "textile")}
-FEEDBACK_SQL = """CREATE TABLE IF NOT EXISTS feedback (request_id TEXT PRIMARY KEY, label TEXT NOT NULL, note TEXT,
-who TEXT, at TEXT, score REAL, bundle_hash TEXT, image_sha256 TEXT)"""
 
 
 def _auroc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -91,7 +89,6 @@ def run_stream(parent: Path, stream: list[tuple[bytes, int]], evals: list[tuple[
             n_req += 1
             stream_counts["verdicts"] += 1
             with sqlite3.connect(db) as con:
-                con.execute(FEEDBACK_SQL)
                 con.execute("INSERT INTO feedback VALUES (?,?,?,?,?,?,?,?)",
                             (f"r{n_req}", "defect" if label else "good", "", "sim", f"{n_req:08d}", score,
                              pipe.bundle_hash, sha))

@@ -36,6 +36,20 @@ def tiny_bundle(shared_data: Path, tmp_path_factory: pytest.TempPathFactory):
     return summary
 
 
+
+@pytest.fixture(scope="session")
+def lite64_bundle(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A lite bundle at 64 px from 2 hazelnut shots (pool + statistics branches, coreset 0.1), per session.
+
+    Shared by the learn tests and the learning-loop test (both only read it), so it is exported once.
+    """
+    from o2n_edge.export.build import ExportOptions, export_bundle
+
+    root = tmp_path_factory.mktemp("lite64")
+    export_bundle(ExportOptions(category="hazelnut", out=root / "parent", profile="lite", image_size=64,
+                                data=shared_data / "hazelnut_toy", shots=2, seed=0, progress=False))
+    return root / "parent"
+
 REQUIRE_GPU_ENV = "O2N_REQUIRE_GPU"
 
 

@@ -24,19 +24,11 @@ from o2n_edge.runtime.learn_vetting import LearnError
 from o2n_edge.runtime.manifest import BundleManifest, load_manifest
 from o2n_edge.runtime.results_log import ResultsLog
 
-FEEDBACK_SQL = """CREATE TABLE IF NOT EXISTS feedback (request_id TEXT PRIMARY KEY, label TEXT NOT NULL, note TEXT,
-who TEXT, at TEXT, score REAL, bundle_hash TEXT, image_sha256 TEXT)"""
-
 
 @pytest.fixture(scope="module")
-def lite(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A lite bundle at 64 px from 2 hazelnut shots (about 20 s): pool + statistics branches, coreset 0.1."""
-    from o2n_edge.export.build import ExportOptions, export_bundle
-
-    root = tmp_path_factory.mktemp("learn")
-    export_bundle(ExportOptions(category="hazelnut", out=root / "parent", profile="lite", image_size=64,
-                                data=shared_data / "hazelnut_toy", shots=2, seed=0, progress=False))
-    return root / "parent"
+def lite(lite64_bundle: Path) -> Path:
+    """The session's 64-px lite bundle (tests/conftest.py): the parent every learn run reads."""
+    return lite64_bundle
 
 
 class Line:
@@ -63,7 +55,6 @@ class Line:
     def verdict(self, sha: str, label: str, score: float = 0.0) -> None:
         self.n += 1
         with sqlite3.connect(self.db) as con:
-            con.execute(FEEDBACK_SQL)
             con.execute("INSERT INTO feedback VALUES (?,?,?,?,?,?,?,?)",
                         (f"r{self.n}", label, "", "op", f"2025-01-01T00:00:{self.n:02d}Z", score,
                          self.pipe.bundle_hash, sha))

@@ -82,14 +82,9 @@ class Line:
 
 
 @pytest.fixture(scope="module")
-def parent(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A lite bundle at 64 px from 2 hazelnut shots (about 20 s): pool + statistics branches."""
-    from o2n_edge.export.build import ExportOptions, export_bundle
-
-    root = tmp_path_factory.mktemp("loop_bundle")
-    export_bundle(ExportOptions(category="hazelnut", out=root / "parent", profile="lite", image_size=64,
-                                data=shared_data / "hazelnut_toy", shots=2, seed=0, progress=False))
-    return root / "parent"
+def parent(lite64_bundle: Path) -> Path:
+    """The session's 64-px lite bundle (tests/conftest.py), served and learned from."""
+    return lite64_bundle
 
 
 @pytest.fixture(scope="module")
