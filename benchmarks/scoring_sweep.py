@@ -95,7 +95,7 @@ class Trunk:
         return {"patch": stitch_outputs({"patch": patch}, self.layout)["patch"], "global": self.global_}
 
 
-def encode_trunk(spec: EncoderSpec, images: list[np.ndarray]) -> Trunk:
+def encode_trunk(spec: EncoderSpec, images: list[np.ndarray], brightness_target: float | None = None) -> Trunk:
     """Run the EfficientNet-Lite backbone of ``spec`` over uint8 ``images`` once, keeping every stage."""
     import torch
 
@@ -106,7 +106,7 @@ def encode_trunk(spec: EncoderSpec, images: list[np.ndarray]) -> Trunk:
     globs = []
     with torch.inference_mode():
         for s in range(0, len(images), ENCODE_BATCH):
-            feats, head = enc.stage_maps(enc.preprocess(images[s:s + ENCODE_BATCH]), STAGES)
+            feats, head = enc.stage_maps(enc.preprocess(images[s:s + ENCODE_BATCH], brightness_target), STAGES)
             for i in STAGES:
                 chunks[i].append(feats[i].float().clone())
             globs.append(head.mean(dim=(2, 3)).float().numpy())

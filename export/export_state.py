@@ -115,6 +115,13 @@ class ExportState:
         return bool(self.plan.profile.jpeg_draft)
 
     @property
+    def brightness_target(self) -> float | None:
+        """The mean grey level every image is matched to (the shots' median), None when off."""
+        from o2n_edge.data.photometric import shots_target
+
+        return shots_target(self.shot_imgs, self.plan.profile.brightness_matching)
+
+    @property
     def personalized(self) -> bool:
         """Whether the bundle carries the one-to-normal transform (graphs, noise, scheduler)."""
         return self.run is not None and "personalized" in self.plan.branches

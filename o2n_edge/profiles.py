@@ -26,6 +26,11 @@ class EncoderSpec:
     # encoder's default) and the PatchCore neighbourhood-aggregation kernel.
     layers: tuple[int, ...] = ()
     aggregation: int = 3
+    # EfficientNet-Lite only: the global feature from the classifier head (conv_head after the
+    # last stage), or, when False, the mean of the patch features, so the network stops after
+    # the last patch stage: the head is 37% of Lite0's compute, wasted by a profile that gives
+    # the global term no weight.
+    global_from_head: bool = True
     # Overlapping tiles per side (1 = the whole image at ``image_size``) and their overlap: a
     # large image is resized to o2n_edge.data.tiling's ``side`` and cut into tiles of image_size.
     tiles: int = 1
@@ -76,6 +81,12 @@ class Profile:
     # Pool map standardized per ring of grid cells from the edge, over this fraction of the grid
     # side (scoring.ScoringConfig.border_fraction); 0 = one constant for the whole map.
     border_fraction: float = 0.0
+    # Nearest-row search in the bank's first N principal axes (scoring.ScoringConfig.search_dims);
+    # 0 = every dimension.
+    search_dims: int = 0
+    # Bring every image (shots, queries) to the shots' median brightness by one gain before
+    # encoding (o2n_edge.data.photometric): lighting that drifts is not a defect.
+    brightness_matching: bool = False
     # Decode JPEGs at a reduced DCT scale that still covers the scoring size (PIL draft mode);
     # recorded in the bundle so the runtime decodes exactly as the export did.
     jpeg_draft: bool = False
@@ -143,7 +154,7 @@ PROFILES: dict[str, Profile] = {
         # (15% of the grid side), without which the border sets every image's score; the global
         # statistics branch at 0.5 for whole-image defects; no global cosine term (it cost tire
         # 5-10 points at 1-2 shots). `--image-size 224` is the faster setting.
-        encoder=EncoderSpec(kind="efficientnet_lite0", image_size=448),
+        encoder=EncoderSpec(kind="efficientnet_lite0", image_size=448, global_from_head=False),
         diffusion=None,
         has_text=False,
         coreset_ratio=0.1,

@@ -244,6 +244,9 @@ class EncoderInfo(Section):
     grid: list[int] | None = _key((list,), items=(int,))
     output_names: list[str] | None = _key((list,), items=(str,))
     tiling: dict[str, Any] | None = _key((dict, type(None)))
+    # Mean grey level every image is brought to by one gain before encoding (the shots'
+    # median; o2n_edge.data.photometric); absent or null = no brightness matching.
+    brightness_target: float | None = _key((float, type(None)))
 
 
 @dataclass(kw_only=True)

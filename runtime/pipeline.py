@@ -30,7 +30,7 @@ from o2n_edge.runtime.bank_search import NearestSearch, NumpyBankSearch, OrtBank
 from o2n_edge.runtime.bundle import Bundle, load_bundle
 from o2n_edge.runtime.manifest import need
 from o2n_edge.runtime.scheduler import NumpyLCMScheduler
-from o2n_edge.runtime.scoring import Reference, Scorer, ScoringConfig
+from o2n_edge.runtime.scoring import Reference, Scorer, ScoringConfig, bank_search_for
 from o2n_edge.runtime.types import InspectResult
 
 log = logging.getLogger("o2n_edge.runtime")
@@ -125,6 +125,7 @@ class OrtPipeline:
         self.threshold = float(need(md.threshold, "threshold").value)
         enc = need(md.encoder, "encoder")
         self.mean, self.std = tuple(need(enc.mean, "encoder.mean")), tuple(need(enc.std, "encoder.std"))
+        self.brightness_target = None if enc.brightness_target is None else float(enc.brightness_target)
         self.encoder_outputs = tuple(need(enc.output_names, "encoder.output_names"))
         tiling = enc.tiling or {"tile": self.image_size, "tiles": 1, "step": 0}
         self.layout = TileLayout(int(tiling["tile"]), int(tiling["tiles"]), int(tiling["step"]))
@@ -169,13 +170,16 @@ class OrtPipeline:
         self.scorer = Scorer(self.params, reference, search=self._bank_search(bank) if bank is not None else None)
 
     def _bank_search(self, bank: np.ndarray) -> NearestSearch:
-        """The memory-bank search on this pipeline's provider (TensorRT backends: its CUDA EP)."""
+        """The memory-bank search on this pipeline's provider (TensorRT backends: its CUDA EP),
+        in the bank's principal axes where the bundle's scoring says so."""
         if self.options.bank_search == "numpy":
-            return NumpyBankSearch(bank)
+            return bank_search_for(self.params, bank, NumpyBankSearch)
         if self.options.bank_search != "onnxruntime":
             raise ValueError(f"unknown bank_search {self.options.bank_search!r}: choose onnxruntime or numpy")
         backend = "cuda" if self.options.backend in ("tensorrt", "trt-native") else self.options.backend
-        return OrtBankSearch(bank, lambda path: _make_session(path, replace(self.options, backend=backend)))
+        options = replace(self.options, backend=backend)
+        return bank_search_for(self.params, bank,
+                               lambda rows: OrtBankSearch(rows, lambda path: _make_session(path, options)))
 
     def _session(self, name: str):
         if self.session_factory is not None:
@@ -209,7 +213,8 @@ class OrtPipeline:
 
     def encode(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """uint8 (B,S,S,3) -> encoder outputs; a tiled bundle's tiles go through the graph as one batch."""
-        pixels = split_tiles(preprocess_numpy(images, self.image_size, self.mean, self.std), self.layout)
+        pixels = split_tiles(preprocess_numpy(images, self.image_size, self.mean, self.std, self.brightness_target),
+                             self.layout)
         outs = self.sessions["image_encoder"].run(None, {"pixels": pixels})  # type: ignore[attr-defined]
         return stitch_outputs(dict(zip(self.encoder_outputs, outs)), self.layout)
 

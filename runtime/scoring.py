@@ -32,13 +32,23 @@ No torch here: this module runs on the device.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from o2n_edge.runtime.bank_search import NearestSearch, NumpyBankSearch
+from o2n_edge.runtime.bank_search import NearestSearch, NumpyBankSearch, ProjectedSearch
+from o2n_edge.runtime.map_ops import (  # noqa: F401  (re-exported: the scoring's public names)
+    bilinear_matrix,
+    gaussian_kernel1d,
+    gaussian_matrix,
+    ring_constants,
+    ring_index,
+    topk_mean,
+    upsample_and_smooth,
+    upsample_smooth_matrix,
+)
 
 if TYPE_CHECKING:
     from o2n_edge.profiles import Profile
@@ -69,6 +79,9 @@ class ScoringConfig:
     # round(border_fraction * grid side) rings each get their own (center, scale), the interior
     # shares one; 0 = one constant for the whole map.
     border_fraction: float = 0.0
+    # Nearest-row search in the bank's first ``search_dims`` principal axes (0 = every dimension);
+    # the distance to the chosen row is exact either way (bank_search.ProjectedSearch).
+    search_dims: int = 0
 
     def __post_init__(self) -> None:
         assert self.branches, "at least one branch is needed"
@@ -88,6 +101,7 @@ class ScoringConfig:
             smoothing_sigma=profile.smoothing_sigma,
             stats_weight=profile.stats_weight,
             border_fraction=profile.border_fraction,
+            search_dims=profile.search_dims,
         )
 
     @classmethod
@@ -103,6 +117,7 @@ class ScoringConfig:
             neighborhood=int(scoring["neighborhood"]),
             stats_weight=float(scoring.get("stats_weight", 0.0)),
             border_fraction=float(scoring.get("border_fraction", 0.0)),
+            search_dims=int(scoring.get("search_dims", 0)),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -117,6 +132,7 @@ class ScoringConfig:
             "neighborhood": self.neighborhood,
             "stats_weight": self.stats_weight,
             "border_fraction": self.border_fraction,
+            "search_dims": self.search_dims,
         }
 
 
@@ -236,78 +252,12 @@ def stats_distance(stats: np.ndarray, bank: np.ndarray, scale: np.ndarray) -> np
     return np.sqrt(np.maximum(d2.min(axis=1), 0.0) / q.shape[1])
 
 
-def gaussian_kernel1d(sigma: float) -> np.ndarray:
-    radius = int(4.0 * sigma + 0.5)
-    x = np.arange(-radius, radius + 1, dtype=np.float64)
-    k = np.exp(-0.5 * (x / sigma) ** 2)
-    return (k / k.sum()).astype(np.float32).astype(np.float64)
-
-
-def bilinear_matrix(out_size: int, in_size: int) -> np.ndarray:
-    """(out, in) matrix of torch's bilinear interpolation with align_corners=False."""
-    m = np.zeros((out_size, in_size))
-    scale = in_size / out_size
-    for i in range(out_size):
-        src = max(scale * (i + 0.5) - 0.5, 0.0)
-        i0 = int(src)
-        i1 = i0 + 1 if i0 < in_size - 1 else i0
-        lam = src - i0
-        m[i, i0] += 1.0 - lam
-        m[i, i1] += lam
-    return m
-
-
-def gaussian_matrix(size: int, sigma: float) -> np.ndarray:
-    """(size, size) matrix of a 'reflect'-padded 1-D gaussian convolution."""
-    if sigma <= 0:
-        return np.eye(size)
-    k = gaussian_kernel1d(sigma)
-    r = (len(k) - 1) // 2
-    assert r < size, f"smoothing radius {r} needs an image larger than {size}"
-    m = np.zeros((size, size))
-    for i in range(size):
-        for t in range(-r, r + 1):
-            j = i + t
-            if j < 0:
-                j = -j
-            elif j >= size:
-                j = 2 * (size - 1) - j
-            m[i, j] += k[t + r]
-    return m
-
-
-@lru_cache(maxsize=16)
-def upsample_smooth_matrix(out_size: int, in_size: int, sigma: float) -> np.ndarray:
-    """One (S, h) matrix: bilinear upsampling then gaussian smoothing."""
-    return (gaussian_matrix(out_size, sigma) @ bilinear_matrix(out_size, in_size)).astype(np.float64)
-
-
-def upsample_and_smooth(grid_maps: np.ndarray, size: int, sigma: float) -> np.ndarray:
-    """(B,h,w) -> (B,S,S)."""
-    b, h, w = grid_maps.shape
-    ay = upsample_smooth_matrix(size, h, sigma)
-    ax = ay if w == h else upsample_smooth_matrix(size, w, sigma)
-    return np.einsum("sh,bhw,tw->bst", ay, grid_maps.astype(np.float64), ax, optimize=True)
-
-
-def ring_index(h: int, w: int, rings: int) -> np.ndarray:
-    """(h,w): each grid cell's distance to the nearest edge, capped at ``rings`` (the interior)."""
-    i, j = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-    return np.minimum(np.minimum(np.minimum(i, j), np.minimum(h - 1 - i, w - 1 - j)), rings)
-
-
-@lru_cache(maxsize=16)
-def ring_constants(ring_norm: tuple[tuple[float, float], ...], h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    """(center, scale) maps (h,w) of per-ring standardization constants."""
-    table = np.asarray(ring_norm, dtype=np.float64)
-    idx = ring_index(h, w, len(table) - 1)
-    return table[idx, 0], table[idx, 1]
-
-
-def topk_mean(maps: np.ndarray, fraction: float) -> np.ndarray:
-    flat = maps.reshape(maps.shape[0], -1)
-    k = max(1, int(round(fraction * flat.shape[1])))
-    return np.partition(flat, flat.shape[1] - k, axis=1)[:, -k:].mean(axis=1)
+def bank_search_for(config: ScoringConfig, bank: np.ndarray,
+                    make_search: Callable[[np.ndarray], NearestSearch]) -> NearestSearch:
+    """The search ``config`` asks for over ``bank``: ``make_search``'s, in principal axes if set."""
+    if 0 < config.search_dims < bank.shape[1]:
+        return ProjectedSearch(bank, config.search_dims, make_search)
+    return make_search(bank)
 
 
 class Scorer:
@@ -324,7 +274,7 @@ class Scorer:
         if "pool" in config.branches:
             assert reference.memory_bank is not None and reference.global_bank is not None, \
                 "pool branch needs the memory bank"
-            self.search = search or NumpyBankSearch(reference.memory_bank)
+            self.search = search or bank_search_for(config, reference.memory_bank, NumpyBankSearch)
         if "text" in config.branches:
             assert reference.text_features is not None, "text branch needs text features"
 
@@ -373,8 +323,17 @@ class Scorer:
 
     def score(self, feats: dict[str, np.ndarray], normal_feats: dict[str, np.ndarray] | None = None) -> ScoreResult:
         """Fused image scores and maps of a batch of encoded queries."""
-        c = self.config
         maps, globals_ = self.branch_outputs(feats, normal_feats)
+        return self.score_maps(maps, globals_, feats)
+
+    def score_maps(self, maps: dict[str, np.ndarray], globals_: dict[str, np.ndarray],
+                   feats: dict[str, np.ndarray]) -> ScoreResult:
+        """The image scores and maps from already computed branch outputs.
+
+        Split from :meth:`score` so a study can search the bank once and compare scoring settings
+        (another Scorer on the same reference) on identical nearest-neighbour maps.
+        """
+        c = self.config
         fused_map, fused_global = self.fuse(maps, globals_)
         full = upsample_and_smooth(fused_map, c.image_size, c.smoothing_sigma)
         scores = topk_mean(full, c.topk_fraction) + c.global_weight * fused_global

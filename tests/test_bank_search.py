@@ -56,3 +56,43 @@ def test_both_searches_give_the_same_scores() -> None:
     b = Scorer(config, ref, search=OrtBankSearch(bank, _cpu_session)).score(feats)
     np.testing.assert_allclose(a.scores, b.scores, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(a.maps, b.maps, rtol=1e-6, atol=1e-6)
+
+
+def test_projected_search_finds_the_nearest_row_of_a_bank_in_a_subspace() -> None:
+    """Rows that span 8 of 64 dimensions: 8 principal axes lose nothing, so the row is exact."""
+    from o2n_edge.runtime.bank_search import ProjectedSearch
+
+    rng = np.random.default_rng(0)
+    mix = rng.normal(size=(8, 64))
+    bank = (rng.normal(size=(500, 8)) @ mix + 5.0).astype(np.float32)
+    queries = (rng.normal(size=(200, 8)) @ mix + 5.0).astype(np.float32)
+    search = ProjectedSearch(bank, 8, NumpyBankSearch)
+    exact = NumpyBankSearch(bank)(queries)
+    d_proj = knn_distance(queries, bank, search)
+    d_exact = knn_distance(queries, bank, NumpyBankSearch(bank))
+    assert np.mean(search(queries) == exact) > 0.99
+    np.testing.assert_allclose(d_proj, d_exact, rtol=1e-4, atol=1e-4)
+
+
+def test_projected_search_only_ever_raises_a_distance() -> None:
+    """Few axes of a full-rank bank miss some rows; the exact re-measure never goes below the truth."""
+    from o2n_edge.runtime.bank_search import ProjectedSearch
+
+    rng = np.random.default_rng(1)
+    bank = rng.normal(size=(400, 32)).astype(np.float32)
+    queries = rng.normal(size=(300, 32)).astype(np.float32)
+    d_proj = knn_distance(queries, bank, ProjectedSearch(bank, 4, NumpyBankSearch))
+    d_exact = knn_distance(queries, bank, NumpyBankSearch(bank))
+    assert np.all(d_proj >= d_exact - 1e-9) and np.any(d_proj > d_exact + 1e-6)
+
+
+def test_scoring_config_picks_the_projected_search() -> None:
+    from o2n_edge.runtime.bank_search import ProjectedSearch
+    from o2n_edge.runtime.scoring import ScoringConfig, bank_search_for
+
+    bank = np.random.default_rng(2).normal(size=(50, 16)).astype(np.float32)
+    cfg = ScoringConfig(branches=("pool",), weights={"pool": 1.0}, image_size=64, search_dims=4)
+    assert isinstance(bank_search_for(cfg, bank, NumpyBankSearch), ProjectedSearch)
+    full = ScoringConfig.from_manifest({**cfg.to_dict(), "search_dims": 0})
+    assert isinstance(bank_search_for(full, bank, NumpyBankSearch), NumpyBankSearch)
+    assert ScoringConfig.from_manifest({k: v for k, v in cfg.to_dict().items() if k != "search_dims"}).search_dims == 0

@@ -112,14 +112,35 @@ def test_patch_layers_are_middle_and_late() -> None:
 def test_lite0_shapes(lite: FeatureEncoder) -> None:
     assert not lite.training and not lite.has_text
     assert lite.image_size == 224 and lite.grid == (28, 28)
-    assert (lite.patch_dim, lite.global_dim) == (40 + 112, 1280)
+    assert lite.patch_dim == 40 + 112
     assert lite.output_names == ("patch", "global")
     assert (lite.mean, lite.std) == (LITE_MEAN, LITE_STD)
     out = _forward(lite, lite.preprocess(_rand_images(2, 240, 200)))
     assert out["patch"].shape == (2, 28, 28, 152)
-    assert out["global"].shape == (2, 1280)
+    assert out["global"].shape == (2, lite.global_dim)
     with pytest.raises(NotImplementedError):
         lite.encode_text(["a photo"])
+
+
+def test_lite_without_head_stops_after_the_last_patch_stage(lite: FeatureEncoder) -> None:
+    """The lite profile gives the global term no weight, so it skips the classifier head: the
+    same patch features, and the mean patch feature as the global one."""
+    from dataclasses import replace
+
+    assert PROFILES["lite"].encoder.global_from_head is False
+    full = build_encoder(replace(lite.spec, global_from_head=True))
+    short = build_encoder(replace(lite.spec, global_from_head=False))
+    assert (full.global_dim, short.global_dim) == (1280, 152)
+    x = full.preprocess(_rand_images(2, 224, 224))
+    a, b = _forward(full, x), _forward(short, x)
+    np.testing.assert_array_equal(a["patch"], b["patch"])
+    np.testing.assert_allclose(b["global"], b["patch"].mean(axis=(1, 2)), rtol=1e-5, atol=1e-6)
+    ran = []
+    hooks = [m.register_forward_hook(lambda *_: ran.append(1)) for m in (short.model.blocks[5], short.model.conv_head)]
+    _forward(short, x)
+    for h in hooks:
+        h.remove()
+    assert not ran, "the blocks after the last patch stage must not run"
 
 
 # --------------------------------------------------------------------------- Lite0 weights
@@ -386,7 +407,7 @@ def test_tiled_encoding_stitches_tiles(lite: FeatureEncoder) -> None:
     images = list(_rand_images(2, 300, 400, seed=5))
     assert tuple(enc.preprocess(images).shape) == (8, 3, 224, 224)
     out = encode_images(enc, images, batch_size=1)
-    assert out["patch"].shape == (2, 48, 48, 152) and out["global"].shape == (2, 1280)
+    assert out["patch"].shape == (2, 48, 48, 152) and out["global"].shape == (2, enc.global_dim)
     # the top-left tile's interior cells are that tile's own features
     with torch.inference_mode():
         first = enc(enc.preprocess(images[:1])[:1])["patch"].numpy()[0]

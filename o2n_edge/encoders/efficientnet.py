@@ -154,7 +154,8 @@ class EfficientNetLiteEncoder(FeatureEncoder):
     = 152 channels in Lite0, a 28x28 grid at 224) is smoothed by a ``kernel`` x ``kernel`` average
     (stride 1), brought to the finest chosen stage's grid (bilinear) and concatenated. Mid-level
     features localise small defects; the final layer is too ImageNet-specific for that, so it
-    only feeds the global feature (conv_head + BN + ReLU6, spatially averaged).
+    only feeds the global feature (conv_head + BN + ReLU6, spatially averaged), or, with
+    ``spec.global_from_head=False``, is skipped and the global feature is the mean patch feature.
     """
 
     output_names = ("patch", "global")
@@ -184,29 +185,36 @@ class EfficientNetLiteEncoder(FeatureEncoder):
             source = source["state_dict"]
         self.model.load_state_dict(map_state_dict(source, self.model), strict=True)
         self.patch_dim = int(sum(self.model.blocks[i][-1].conv_pwl.out_channels for i in self.layers))
-        self.global_dim = int(self.model.num_features)
+        self.global_dim = int(self.model.num_features) if spec.global_from_head else self.patch_dim
         self.eval()
         with torch.no_grad():
             probe = self(torch.zeros(1, 3, self.image_size, self.image_size))
         self.grid = (int(probe["patch"].shape[1]), int(probe["patch"].shape[2]))
 
-    def stage_maps(self, pixels: torch.Tensor, stages: tuple[int, ...] | None = None) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-        """Run the backbone once; return {stage: (B,C,h,w)} for ``stages`` and the head map."""
+    def stage_maps(self, pixels: torch.Tensor, stages: tuple[int, ...] | None = None,
+                   head: bool = True) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
+        """Run the backbone once; return {stage: (B,C,h,w)} for ``stages`` and the head map.
+
+        ``head=False`` stops after the last wanted stage (no head map: None).
+        """
         m = self.model
         wanted = set(self.layers if stages is None else stages)
+        last = len(m.blocks) - 1 if head else max(wanted)
         x = m.bn1(m.conv_stem(pixels))
         feats = {}
         for i, stage in enumerate(m.blocks):
+            if i > last:
+                break
             x = stage(x)
             if i in wanted:
                 feats[i] = x
-        head = m.bn2(m.conv_head(x))
-        return feats, head
+        return feats, (m.bn2(m.conv_head(x)) if head else None)
 
     def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """(B,3,S,S) normalized pixels -> {"patch": (B,h,w,patch_dim), "global": (B,1280)}."""
-        feats, head = self.stage_maps(pixels)
-        return {"patch": compose_patch(feats, self.layers, self.kernel), "global": head.mean(dim=(2, 3))}
+        """(B,3,S,S) normalized pixels -> {"patch": (B,h,w,patch_dim), "global": (B,global_dim)}."""
+        feats, head = self.stage_maps(pixels, head=self.spec.global_from_head)
+        patch = compose_patch(feats, self.layers, self.kernel)
+        return {"patch": patch, "global": head.mean(dim=(2, 3)) if head is not None else patch.mean(dim=(1, 2))}
 
     def describe(self) -> dict[str, object]:
         """The base facts plus which network, stages and aggregation produced the features."""
