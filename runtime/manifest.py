@@ -6,9 +6,8 @@ serving, or as a silent default. Here every key is declared once with its type: 
 refuses a manifest with a :class:`BundleError` naming the key, and ``to_dict`` gives back exactly
 the dict it was built from, so the JSON on disk (and its digest) is as before there were types.
 
-Sections whose own consumer validates them (scoring constants, scheduler tables; fusion, diffusion
-and tuning records, only reported) stay plain dicts under named fields. Keys this schema does not
-name are kept in each section's ``other``, so a round trip loses nothing. Standard library only.
+Sections their own consumer validates (scoring, scheduler; fusion, diffusion, tuning: reported
+only) stay plain dicts; unnamed keys are kept in ``other``, so a round trip loses nothing. Stdlib only.
 """
 
 from __future__ import annotations
@@ -244,8 +243,7 @@ class EncoderInfo(Section):
     grid: list[int] | None = _key((list,), items=(int,))
     output_names: list[str] | None = _key((list,), items=(str,))
     tiling: dict[str, Any] | None = _key((dict, type(None)))
-    # Mean grey level every image is brought to by one gain before encoding (the shots'
-    # median; o2n_edge.data.photometric); absent or null = no brightness matching.
+    # grey level every image is brought to before encoding (data.photometric); null/absent = off
     brightness_target: float | None = _key((float, type(None)))
 
 
