@@ -56,8 +56,8 @@ def summarize(records: list[dict], base: dict, variant: str) -> tuple[list[dict]
     """Rows per (category, shots) with the baseline beside them, and their markdown table."""
     order = [c for _, _, c in SETS]
     keys = sorted({(r["category"], r["shots"]) for r in records}, key=lambda x: (order.index(x[0]), x[1]))
-    lines = ["| category | shots | seeds | variant | image AUROC (v1) | image AUROC (v2) | Δ | image AP | pixel AUROC (v1) | "
-             "pixel AUROC (v2) | PRO (v1) | PRO (v2) | setting (per seed) | wall s |",
+    lines = ["| category | shots | seeds | variant | image AUROC (v1) | image AUROC (default) | Δ | image AP | pixel AUROC (v1) | "
+             "pixel AUROC (default) | PRO (v1) | PRO (default) | setting (per seed) | wall s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     rows = []
     for cat, k in keys:
@@ -87,7 +87,7 @@ def summarize(records: list[dict], base: dict, variant: str) -> tuple[list[dict]
         v1 = float(np.mean([r["baseline"]["image_auroc"]["mean"] for r in head]))
         lines.append("")
         lines.append(f"Mean image AUROC over tire and textile ({len(head)} shot settings): v1 {100 * v1:.1f} -> "
-                     f"v2 {100 * v2:.1f} ({100 * (v2 - v1):+.1f} points).")
+                     f"default {100 * v2:.1f} ({100 * (v2 - v1):+.1f} points).")
     both = [r for r in rows if r.get("image_auroc") and r["baseline"].get("image_auroc")]
     if both:
         worst = min(both, key=lambda r: r["image_auroc"]["mean"] - r["baseline"]["image_auroc"]["mean"])
@@ -144,7 +144,7 @@ def main() -> None:
         (RESULTS / f"{args.name}.md").write_text(
             f"# {args.name}\n\nlite profile, {variant}; percent, mean ± std over seeds; v1 = `{args.baseline}` "
             f"(same harness, v1 defaults: Lite0 at 224 px, layers 2+4, no statistics branch, whole bank). "
-            f"v2 scores with the exported coreset ({profile.coreset_ratio}) and JPEG draft decode = "
+            f"The default scores with the exported coreset ({profile.coreset_ratio}) and JPEG draft decode = "
             f"{profile.jpeg_draft}; "
             + "one setting for every category and run. "
             + "Written by `python -m benchmarks.accuracy_v2`.\n\n" + md)

@@ -5,8 +5,11 @@ shared where the setting allows) and times them in one interleaved loop through 
 JPEG decode (draft mode where the bundle says so) included, so a loaded machine slows all of them
 alike. Writes benchmarks/results/<name>.{json,md}.
 
-Usage: python -m benchmarks.latency_settings [--settings "v1=lite0:224:1:2-4:3:0:nodraft;..."] [--iters 30]
-A setting is label=kind:size:tiles:layers:kernel:stats_weight[:nodraft].
+Usage: python -m benchmarks.latency_settings [--settings "v1=lite0:224:1:2-4:3:0:nodraft:head;..."] [--iters 30]
+A setting is label=kind:size:tiles:layers:kernel:stats_weight[:flag...], flags: ``nodraft`` (full
+JPEG decode), ``head`` (the encoder runs its classifier head for the global feature),
+``rowsN`` (bank row budget N), ``pcaN`` (search in N principal axes), ``gainT`` (brightness
+matching, tolerance T); whatever the setting does not name is the lite profile's.
 """
 
 from __future__ import annotations
@@ -23,19 +26,34 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = (ROOT / ".." / "shared" / "data").resolve()
 RESULTS = ROOT / "benchmarks" / "results"
-DEFAULT_SETTINGS = ("v1 default=lite0:224:1:2-4:3:0:nodraft;"
-                    "v2 g0=lite0:224:1:2-4:3:0;v2 g1=lite0:224:1:2-4:3:1;"
-                    "320 px=lite0:320:1:2-4:3:0;2x2 tiles of 224 (384 px)=lite0:224:2:2-4:3:0")
+DEFAULT_SETTINGS = ("v1-like (224 px, no statistics, no draft)=lite0:224:1:2-4:3:0:nodraft:head;"
+                    "v3 default (448 px)=lite0:448:1:2-4:3:0.5:head:rows8192;"
+                    "448 px, no head=lite0:448:1:2-4:3:0.5:rows8192")
+
+
+OVERHEAD = ("decode_jpeg", "preprocess", "postprocess", "encode_answer")  # the per-image work around the models
 
 
 def setting_profile(text: str, base: Profile) -> Profile:
-    """``base`` with a setting ``kind:size:tiles:layers:kernel:stats_weight[:nodraft]`` applied."""
+    """``base`` with a setting ``kind:size:tiles:layers:kernel:stats_weight[:flag...]`` applied."""
     parts = text.strip().split(":")
     kind, size, tiles, layers, kernel, stats = parts[:6]
+    flags = parts[6:]
     encoder = replace(base.encoder, kind=f"efficientnet_{kind}", image_size=int(size), tiles=int(tiles),
-                      layers=tuple(int(x) for x in layers.split("-")), aggregation=int(kernel))
-    draft = not (len(parts) > 6 and parts[6] == "nodraft")
-    return replace(base, encoder=encoder, stats_weight=float(stats), jpeg_draft=draft)
+                      layers=tuple(int(x) for x in layers.split("-")), aggregation=int(kernel),
+                      global_from_head="head" in flags)
+    changes: dict = {"encoder": encoder, "stats_weight": float(stats), "jpeg_draft": "nodraft" not in flags,
+                     "brightness_tolerance": None}
+    for f in flags:
+        if f.startswith("rows"):
+            changes["bank_max_rows"] = int(f[4:])
+        elif f.startswith("pca"):
+            changes["search_dims"] = int(f[3:])
+        elif f.startswith("gain"):
+            changes["brightness_tolerance"] = float(f[4:] or 0.0)
+        elif f not in ("nodraft", "head"):
+            raise ValueError(f"unknown setting flag {f!r}")
+    return replace(base, **changes)
 
 
 def export_setting(label: str, text: str, work: Path, out_root: Path) -> Path:
@@ -57,7 +75,7 @@ def export_setting(label: str, text: str, work: Path, out_root: Path) -> Path:
         e = fixed.encoder
         export_bundle(ExportOptions(category="tire", out=out, profile="lite", data=SHARED / "mvtec3d_rgb", shots=4,
                                     seed=0, branches="pool", pool_size=0,
-                                    work_dir=work / f"{e.kind}-{e.image_size}-{e.tiles}",
+                                    work_dir=work / f"{e.kind}-{e.image_size}-{e.tiles}-head{int(e.global_from_head)}",
                                     progress=False, force=True))
     finally:
         profiles.PROFILES["lite"] = saved
@@ -103,12 +121,16 @@ def main() -> None:
                      "stats_weight": m["scoring"].get("stats_weight", 0.0), "jpeg_draft": m.get("decode", {}).get("jpeg_draft", False),
                      "per_image_ms_p50": s["per_image_ms_p50"], "with_io_ms_p50": s.get("with_io_ms", {}).get("p50"),
                      "stages_ms_p50": stages, "first_score": float(res["scores"][label][0])})
+        io = rows[-1]["with_io_ms_p50"]
+        over = sum(stages.get(k, 0.0) for k in OVERHEAD)
+        rows[-1].update(overhead_ms_p50=round(over, 3), overhead_share=round(over / io, 4),
+                        scoring_share=round(stages.get("scoring", 0.0) / io, 4))
         print(rows[-1]["setting"], rows[-1]["per_image_ms_p50"], rows[-1]["with_io_ms_p50"], flush=True)
     doc = {"name": args.name, "machine": machine_stamp(1), "category": "tire", "shots": 4, "seed": 0,
            "branches": ["pool"], "source_side": len(images[0]), "iters": args.iters, "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(doc, indent=2) + "\n")
-    keys = ["decode_jpeg", "preprocess", "image_encoder", "scoring"]
+    keys = ["decode_jpeg", "preprocess", "image_encoder", "scoring", "postprocess", "encode_answer"]
     lines = [f"# {args.name}\n",
              f"Per-image latency, ORT CPU, 1 thread, batch 1, p50 over {args.iters} interleaved iterations; shots-only "
              "bundles (pool branch; tire, 4 shots, seed 0; bank = coreset 0.1 of the shots' views), a 512-px JPEG "
@@ -116,12 +138,17 @@ def main() -> None:
                  doc["machine"]["cpu"], doc["machine"]["cores"], doc["machine"]["load_average_start"]) + 
              "`python -m benchmarks.latency_settings`.\n",
              "| setting | input px | bank rows x dim | stats | JPEG draft | pipeline ms | + decode/answer ms | "
-             + " | ".join(f"{k} ms" for k in keys) + " |",
-             "|---|---|---|---|---|---|---|" + "---|" * len(keys)]
+             + " | ".join(f"{k} ms" for k in keys) + " | scoring share | overhead share |",
+             "|---|---|---|---|---|---|---|" + "---|" * (len(keys) + 2)]
     for r in rows:
         lines.append(f"| {r['setting']} | {r['image_size']} | {r['bank_rows']} x {r['patch_dim']} | {r['stats_weight']:g} | "
                      f"{r['jpeg_draft']} | {r['per_image_ms_p50']:.2f} | {r['with_io_ms_p50']:.2f} | "
-                     + " | ".join(f"{r['stages_ms_p50'].get(k, float('nan')):.2f}" for k in keys) + " |")
+                     + " | ".join(f"{r['stages_ms_p50'].get(k, float('nan')):.2f}" for k in keys)
+                     + f" | {100 * r['scoring_share']:.0f}% | {100 * r['overhead_share']:.0f}% |")
+    ref = rows[0]["with_io_ms_p50"]
+    lines += ["", f"Per-image time (with decode and answer) relative to the first row ({rows[0]['setting']}): "
+              + "; ".join(f"{r['setting']} {r['with_io_ms_p50'] / ref:.2f}x" for r in rows[1:]) + ". Overhead = "
+              "decode + preprocess + postprocess + encoding the answer (JSON with the heat map)."]
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

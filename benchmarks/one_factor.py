@@ -15,10 +15,11 @@ Settings (``--settings``; ``default`` = the lite default as it was before this s
   ``max`` / ``gridmax``: image score = max of the smoothed map / of the grid map; ``patch``:
   top-k mean over the area of one aggregated patch (3 x 3 cells of stride 8: 576 px, 0.29% at
   448 px, about the 1% of 224 px); ``rows4096`` / ``rows2048``: the bank's row budget;
-  ``pca64`` / ``pca32``: the nearest row searched in that many principal axes;
+  ``pca64`` / ``pca32``: the nearest row searched in that many principal axes; ``statsreg``: the
+  statistics branch's scale floored by the spread between the shots' own quadrants;
   ``rings0``: one constant for the whole map; ``stats0``: no statistics branch;
-  ``gain``: every image (shots and queries) brought to the shots' median brightness by one gain
-  before encoding (``o2n_edge.data.photometric``).
+  ``gain`` / ``band5``: brightness matching (``o2n_edge.data.photometric``): an image outside
+  the drawn shots' brightness range (widened by 0 / 5%; ``band10``: 10%) brought back to its edge by one gain.
 - ``baseline``: plain PatchCore (256 px, 8 views, no coreset, no standardization, grid max),
   the same maths as ``benchmarks.patchcore_baseline``.
 - ``candidate``: the settings of ``--candidate`` (e.g. ``gain,max``) all at once.
@@ -76,13 +77,12 @@ class Setting:
     score: str = "top1"  # top1 | patch (top-k over one aggregated patch's area) | max | gridmax
     rings: float = 0.15
     stats: float = 0.5
-    gain: bool = False
+    gain: float | None = None  # brightness matching: the shots' range widened by this fraction
     plain: bool = False  # the baseline: raw distances, no standardization
     max_rows: int = 8192  # the bank's row budget (Profile.bank_max_rows)
     search_dims: int = 0  # nearest-row search in this many principal axes (0 = all)
+    region_floor: bool = False  # statistics branch scaled at least by the shots' region spread
 
-    def encoding(self) -> tuple[int, bool]:
-        return self.size, self.gain
 
     def bank_key(self) -> tuple:
         return (self.size, self.layers, self.views, self.coreset, self.gain, self.max_rows, self.search_dims)
@@ -92,7 +92,7 @@ BASE = Setting()
 CHANGES: dict[str, dict[str, Any]] = {
     "default": {}, "res256": {"size": 256}, "res224": {"size": 224}, "layers23": {"layers": (2, 3)},
     "views8": {"views": 8}, "views1": {"views": 1}, "whole": {"coreset": None}, "max": {"score": "max"},
-    "gridmax": {"score": "gridmax"}, "rings0": {"rings": 0.0}, "stats0": {"stats": 0.0}, "gain": {"gain": True},
+    "gridmax": {"score": "gridmax"}, "rings0": {"rings": 0.0}, "stats0": {"stats": 0.0}, "gain": {"gain": 0.0}, "band5": {"gain": 0.05}, "band10": {"gain": 0.1}, "statsreg": {"region_floor": True},
     "patch": {"score": "patch"}, "rows4096": {"max_rows": 4096}, "rows2048": {"max_rows": 2048},
     "pca64": {"search_dims": 64}, "pca32": {"search_dims": 32},
     "baseline": {"size": 256, "views": 8, "coreset": None, "score": "gridmax", "rings": 0.0, "stats": 0.0,
@@ -125,34 +125,39 @@ def load_rgb(path: Path, jitter: bool) -> np.ndarray:
 
 
 class Encodings:
-    """Trunk features of the test set and of every shot view, per (size, gain), computed once."""
+    """Trunk features of the test set and of every shot view, per (size, brightness range), computed once."""
 
     def __init__(self, test: list[np.ndarray], shots: dict[Path, np.ndarray]) -> None:
         self.test_images, self.shot_images = test, shots
-        self.cache: dict[tuple[int, bool], tuple[Trunk, Trunk, list[Path]]] = {}
+        self.paths = sorted(shots)
+        self.cache: dict[tuple, tuple[Trunk, Trunk]] = {}
 
-    def get(self, size: int, gain: bool) -> tuple[Trunk, Trunk, list[Path]]:
-        if (size, gain) not in self.cache:
-            from o2n_edge.data.photometric import reference_brightness
-
-            paths = sorted(self.shot_images)
-            test, shots = self.test_images, resize_uint8([self.shot_images[p] for p in paths], size)
-            # the product's target is the drawn shots' median; here all drawn shots' (one encoding)
-            target = reference_brightness(list(shots)) if gain else None
+    def get(self, size: int, levels: tuple[float, float] | None) -> tuple[Trunk, Trunk, list[Path]]:
+        if (size, levels) not in self.cache:
             spec = replace(get_profile("lite").encoder, image_size=size)
             t0 = time.time()
+            shots = resize_uint8([self.shot_images[p] for p in self.paths], size)
             views = [np.ascontiguousarray(v(im)) for im in shots for v in VIEWS]
-            self.cache[(size, gain)] = (encode_trunk(spec, list(resize_uint8(test, size)), target),
-                                        encode_trunk(spec, views, target), paths)
-            print(f"  encoded {size} px gain={gain} in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
-        return self.cache[(size, gain)]
+            self.cache[(size, levels)] = (encode_trunk(spec, list(resize_uint8(self.test_images, size)), levels),
+                                          encode_trunk(spec, views, levels))
+            print(f"  encoded {size} px, brightness range {levels} in {time.time() - t0:.0f} s", file=sys.stderr,
+                  flush=True)
+            if levels is not None:  # a range is one draw's: keep one at a time
+                for key in [k for k in self.cache if k[1] is not None and k != (size, levels)]:
+                    del self.cache[key]
+        return (*self.cache[(size, levels)], self.paths)
 
 
 def run_one(enc: Encodings, s: Setting, shot_paths: list[Path], labels: np.ndarray,
             masks: np.ndarray | None, seed: int, pixel_cache: dict) -> dict[str, Any]:
     """Image and pixel metrics of one setting on one shot draw (PRO with 200 thresholds: ~1e-3 of exact)."""
     t0 = time.time()
-    test_trunk, shot_trunk, paths = enc.get(*s.encoding())
+    from o2n_edge.data.photometric import shots_range
+
+    levels = None
+    if s.gain is not None:  # the drawn shots' range, measured at the encoder's size as the product does
+        levels = shots_range(list(resize_uint8([enc.shot_images[p] for p in shot_paths], s.size)), s.gain)
+    test_trunk, shot_trunk, paths = enc.get(s.size, levels)
     tf = test_trunk.compose(s.layers, 3)
     sf = shot_trunk.compose(s.layers, 3)
     shot_feats = []
@@ -162,7 +167,7 @@ def run_one(enc: Encodings, s: Setting, shot_paths: list[Path], labels: np.ndarr
     config = ScoringConfig(branches=("pool",), weights={"pool": 1.0}, image_size=s.size, global_weight=0.0,
                            topk_fraction={"top1": 0.01, "patch": (3 * 8 / s.size) ** 2}.get(s.score, 0.0),
                            stats_weight=s.stats, border_fraction=s.rings, smoothing_sigma=4.0,
-                           search_dims=s.search_dims)
+                           search_dims=s.search_dims, stats_region_floor=s.region_floor)
     ref = build_reference(shot_feats, config)
     bank = ref.memory_bank
     if s.coreset is not None:

@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from o2n_edge.data import load_dataset, sample_shots
+from o2n_edge.data.photometric import BrightnessRange
 from o2n_edge.data.preprocess import resize_uint8
 from o2n_edge.data.tiling import TileLayout, stitch_outputs
 from o2n_edge.profiles import EncoderSpec, get_profile
@@ -95,7 +96,7 @@ class Trunk:
         return {"patch": stitch_outputs({"patch": patch}, self.layout)["patch"], "global": self.global_}
 
 
-def encode_trunk(spec: EncoderSpec, images: list[np.ndarray], brightness_target: float | None = None) -> Trunk:
+def encode_trunk(spec: EncoderSpec, images: list[np.ndarray], brightness_range: BrightnessRange | None = None) -> Trunk:
     """Run the EfficientNet-Lite backbone of ``spec`` over uint8 ``images`` once, keeping every stage."""
     import torch
 
@@ -106,7 +107,7 @@ def encode_trunk(spec: EncoderSpec, images: list[np.ndarray], brightness_target:
     globs = []
     with torch.inference_mode():
         for s in range(0, len(images), ENCODE_BATCH):
-            feats, head = enc.stage_maps(enc.preprocess(images[s:s + ENCODE_BATCH], brightness_target), STAGES)
+            feats, head = enc.stage_maps(enc.preprocess(images[s:s + ENCODE_BATCH], brightness_range), STAGES)
             for i in STAGES:
                 chunks[i].append(feats[i].float().clone())
             globs.append(head.mean(dim=(2, 3)).float().numpy())

@@ -50,6 +50,7 @@ class ExportOptions:
     bank_rows: int | None = None  # memory-bank row budget (None = the profile's bank_max_rows)
     image_size: int | None = None  # encoder input side (None = the profile's; lite: 224 is the fast setting)
     stats_weight: float | None = None  # global statistics branch weight (None = the profile's)
+    brightness: str | None = None  # --brightness-tolerance: "off" or a fraction (None = the profile's)
     threshold_quantile: float = THRESHOLD_QUANTILE
     force: bool = False
     progress: bool = True
@@ -115,11 +116,12 @@ class ExportState:
         return bool(self.plan.profile.jpeg_draft)
 
     @property
-    def brightness_target(self) -> float | None:
-        """The mean grey level every image is matched to (the shots' median), None when off."""
-        from o2n_edge.data.photometric import shots_target
+    def brightness_range(self) -> "tuple[float, float] | None":
+        """The (lo, hi) grey levels images are brought into (the shots' range widened by the
+        profile's tolerance; o2n_edge.data.photometric), None when matching is off."""
+        from o2n_edge.data.photometric import shots_range
 
-        return shots_target(self.shot_imgs, self.plan.profile.brightness_matching)
+        return shots_range(self.shot_imgs, self.plan.profile.brightness_tolerance)
 
     @property
     def personalized(self) -> bool:

@@ -99,8 +99,8 @@ def build_manifest(state: ExportState) -> BundleManifest:
         decode=Decode(jpeg_draft=state.draft),
         precision=opts.precision,
         shots=Shots(images=[p.name for p in state.shot_paths], seed=opts.seed, k=opts.shots),
-        encoder=_section(EncoderInfo, {**state.encoder.describe(), "brightness_target": state.brightness_target},
-                         "encoder"),
+        encoder=_section(EncoderInfo, {**state.encoder.describe(), "brightness_range": (
+            None if state.brightness_range is None else list(state.brightness_range))}, "encoder"),
         scoring=scoring_manifest(config, reference),
         fusion={"weights": dict(config.weights), "norm": {k: list(v) for k, v in reference.norm.items()},
                 "selection": {"method": "profile default (the paper's weights)"}},

@@ -29,9 +29,9 @@ def build_reference(state: ExportState) -> None:
 
     say(state.opts.progress, "building the reference (memory bank, text features, constants)")
     encoder, size, branches = state.encoder, state.size, state.plan.branches
-    target = state.brightness_target
-    shot_feats = [encode_images(encoder, augment_views(im), brightness_target=target) for im in state.shot_imgs]
-    pool_feats = (encode_images(encoder, resize_uint8(state.pool_imgs, size), brightness_target=target)
+    levels = state.brightness_range
+    shot_feats = [encode_images(encoder, augment_views(im), brightness_range=levels) for im in state.shot_imgs]
+    pool_feats = (encode_images(encoder, resize_uint8(state.pool_imgs, size), brightness_range=levels)
                   if state.pool_imgs is not None else None)
     text_features = text_features_for(encoder, state.dataset.category) if "text" in branches else None
     shot_normal = None
@@ -44,7 +44,7 @@ def build_reference(state: ExportState) -> None:
             return resize_uint8(one_to_normal(run, images, seed=seed).normals, size)
 
         state.normal_of = normal_of
-        shot_normal = encode_images(encoder, normal_of(np.stack(state.shot_imgs)), brightness_target=target)
+        shot_normal = encode_images(encoder, normal_of(np.stack(state.shot_imgs)), brightness_range=levels)
     state.reference = make_reference(shot_feats, state.plan.config, text_features, pool_feats, shot_normal)
 
 
@@ -85,10 +85,10 @@ def calibrate_threshold(state: ExportState) -> None:
     say(state.opts.progress, f"calibrating the threshold on {len(state.calib_paths)} held-out good images")
     encoder = state.encoder
     state.calib_imgs = [load_image(p, state.size, state.draft) for p in state.calib_paths]
-    target = state.brightness_target
-    calib_feats = encode_images(encoder, state.calib_imgs, brightness_target=target)
+    levels = state.brightness_range
+    calib_feats = encode_images(encoder, state.calib_imgs, brightness_range=levels)
     normal_of = state.normal_of
-    calib_normal = (encode_images(encoder, normal_of(np.stack(state.calib_imgs)), brightness_target=target)
+    calib_normal = (encode_images(encoder, normal_of(np.stack(state.calib_imgs)), brightness_range=levels)
                     if normal_of else None)
     state.calib_scores = score(calib_feats, reference, state.plan.config, calib_normal).scores
     state.threshold = float(np.quantile(state.calib_scores, state.opts.threshold_quantile))

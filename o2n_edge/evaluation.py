@@ -14,7 +14,7 @@ from typing import Callable, Iterator, Protocol, Sequence
 import numpy as np
 
 from o2n_edge.data import Dataset, load_image, load_mask, sample_shots
-from o2n_edge.data.photometric import shots_target
+from o2n_edge.data.photometric import BrightnessRange, shots_range
 from o2n_edge.data.sampling import ALL_SHOTS, shot_count
 from o2n_edge.data.preprocess import resize_uint8
 from o2n_edge.detection_metrics import compute_metrics, mean_std
@@ -60,10 +60,10 @@ def text_features_for(encoder, category: str) -> np.ndarray:
 
 
 def _encode(encoder, images: Sequence[np.ndarray], progress: str | None = None,
-            brightness_target: float | None = None) -> dict[str, np.ndarray]:
+            brightness_range: BrightnessRange | None = None) -> dict[str, np.ndarray]:
     from o2n_edge.encoders import encode_images
 
-    return encode_images(encoder, list(images), SCORE_BATCH, progress, brightness_target)
+    return encode_images(encoder, list(images), SCORE_BATCH, progress, brightness_range)
 
 
 class _FixedFeatures:
@@ -78,17 +78,17 @@ class _FixedFeatures:
         self.masks = (np.stack([load_mask(s.mask_path, (self.size, self.size)) for s in samples])
                       if dataset.has_masks else None)
         self.progress_label = "encode test images" if progress else None
-        self.test_feats: dict[float | None, dict[str, np.ndarray]] = {}
+        self.test_feats: dict[BrightnessRange | None, dict[str, np.ndarray]] = {}
 
-    def test(self, brightness_target: float | None = None) -> dict[str, np.ndarray]:
-        """The test set's features, encoded once per brightness target (once when matching is off)."""
-        if brightness_target not in self.test_feats:
-            self.test_feats = {brightness_target: _encode(self.encoder, self.images, self.progress_label,
-                                                          brightness_target)}
-        return self.test_feats[brightness_target]
+    def test(self, brightness_range: BrightnessRange | None = None) -> dict[str, np.ndarray]:
+        """The test set's features, encoded once per brightness range (once when matching is off)."""
+        if brightness_range not in self.test_feats:
+            self.test_feats = {brightness_range: _encode(self.encoder, self.images, self.progress_label,
+                                                          brightness_range)}
+        return self.test_feats[brightness_range]
 
-    def encode(self, images: Sequence[np.ndarray], brightness_target: float | None = None) -> dict[str, np.ndarray]:
-        return _encode(self.encoder, resize_uint8(list(images), self.size), None, brightness_target)
+    def encode(self, images: Sequence[np.ndarray], brightness_range: BrightnessRange | None = None) -> dict[str, np.ndarray]:
+        return _encode(self.encoder, resize_uint8(list(images), self.size), None, brightness_range)
 
 
 def evaluate(
@@ -132,7 +132,7 @@ def evaluate(
             if "text" in config.branches and text_features is None:
                 text_features = text_features_for(source.encoder, dataset.category)
             shot_imgs = [load_image(p, size, draft) for p in shot_paths]
-            target = shots_target(shot_imgs, profile.brightness_matching)
+            levels = shots_range(shot_imgs, profile.brightness_tolerance)  # None when matching is off
             pool_feats = shot_normal = None
             normal_of = None
             info: dict = {}
@@ -140,19 +140,19 @@ def evaluate(
                 views = normal_provider(shot_paths, len(shot_paths), seed)
                 info = dict(views.info)
                 if views.pool is not None and "pool" in config.branches:
-                    pool_feats = source.encode(resize_uint8(views.pool, size), target)
+                    pool_feats = source.encode(resize_uint8(views.pool, size), levels)
                 normal_of = views.normal_of
                 if "personalized" in config.branches:
                     assert normal_of is not None, "the run gives no normal versions"
                     head_imgs = np.stack(shot_imgs[:LOO_SHOTS])
-                    shot_normal = source.encode(resize_uint8(normal_of(head_imgs), size), target)
+                    shot_normal = source.encode(resize_uint8(normal_of(head_imgs), size), levels)
             reference, bank_info = shot_reference(
-                (source.encode(augment_views(im), target) for im in shot_imgs), len(shot_imgs), config, text_features,
+                (source.encode(augment_views(im), levels) for im in shot_imgs), len(shot_imgs), config, text_features,
                 pool_feats, shot_normal, ratio=coreset, max_rows=profile.bank_max_rows, seed=seed)
             info.update(bank_info)
-            if target is not None:
-                info["brightness_target"] = target
-            test_feats = source.test(target)
+            if levels is not None:
+                info["brightness_range"] = list(levels)
+            test_feats = source.test(levels)
             images = source.images
             scorer = Scorer(config, reference)
             scores, maps = [], []
@@ -162,7 +162,7 @@ def evaluate(
                 normal_feats = None
                 if "personalized" in config.branches:
                     normals = normal_of(np.stack(images[idx]))
-                    normal_feats = source.encode(resize_uint8(normals, size), target)
+                    normal_feats = source.encode(resize_uint8(normals, size), levels)
                 res = scorer.score(batch, normal_feats)
                 scores.append(res.scores)
                 if source.masks is not None:
@@ -266,7 +266,9 @@ def fixed_setting(profile: Profile) -> str:
     tiles = f"x{e.tiles}t" if e.tiles > 1 else ""
     layers = ",".join(map(str, tuple(e.layers) or (2, 4)))
     name = f"{e.kind.replace('efficientnet_', '')}@{e.image_size}{tiles} L{layers} k{e.aggregation} g{profile.stats_weight:g}"
-    matching = ", brightness matching" if profile.brightness_matching else ""
+    tol = profile.brightness_tolerance
+    matching = "" if tol is None else f", brightness kept within the shots' range ±{100 * tol:g}%"
+    matching += ", one shot's statistics scaled by its regions" if profile.stats_region_floor else ""
     return (f"{name}, border rings {profile.border_fraction:g}, global cosine weight {profile.global_weight:g}"
             f"{matching}")
 

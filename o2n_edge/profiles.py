@@ -84,9 +84,13 @@ class Profile:
     # Nearest-row search in the bank's first N principal axes (scoring.ScoringConfig.search_dims);
     # 0 = every dimension.
     search_dims: int = 0
-    # Bring every image (shots, queries) to the shots' median brightness by one gain before
-    # encoding (o2n_edge.data.photometric): lighting that drifts is not a defect.
-    brightness_matching: bool = False
+    # Statistics branch from one shot scaled at least by how its statistics vary between the
+    # shot's regions (scoring.ScoringConfig.stats_region_floor).
+    stats_region_floor: bool = False
+    # Brightness matching (o2n_edge.data.photometric): an image darker or brighter than the
+    # shots' range widened by this fraction is brought back to its edge by one gain before
+    # encoding, so lighting that drifts is not a defect; None = off.
+    brightness_tolerance: float | None = None
     # Decode JPEGs at a reduced DCT scale that still covers the scoring size (PIL draft mode);
     # recorded in the bundle so the runtime decodes exactly as the export did.
     jpeg_draft: bool = False
@@ -149,11 +153,13 @@ PROFILES: dict[str, Profile] = {
     ),
     "lite": Profile(
         name="lite",
-        # Detection core v3 (benchmarks/results/accuracy_lite_v2.md): Lite0 at 448 px so
-        # a defect of a few pixels spans grid cells; the pool map standardized per border ring
-        # (15% of the grid side), without which the border sets every image's score; the global
-        # statistics branch at 0.5 for whole-image defects; no global cosine term (it cost tire
-        # 5-10 points at 1-2 shots). `--image-size 224` is the faster setting.
+        # Detection core v4 (docs/decisions/lite-detection-core.md; each factor measured alone in
+        # benchmarks/results/one_factor.md): Lite0 at 448 px so a defect of a few pixels spans
+        # grid cells; the pool map standardized per border ring (15% of the grid side), without
+        # which the border sets every image's score; the global statistics branch at 0.5 for
+        # whole-image defects, scaled from one shot by the spread between its own regions; no
+        # global cosine term, so no classifier head; brightness kept within the shots' range
+        # ±5%, so drifting lighting is not a defect. `--image-size 224` is the faster setting.
         encoder=EncoderSpec(kind="efficientnet_lite0", image_size=448, global_from_head=False),
         diffusion=None,
         has_text=False,
@@ -161,6 +167,8 @@ PROFILES: dict[str, Profile] = {
         bank_max_rows=8192,
         jpeg_draft=True,
         stats_weight=0.5,
+        stats_region_floor=True,
+        brightness_tolerance=0.05,
         global_weight=0.0,
         border_fraction=0.15,
         # On a CPU the memory bank does the work: no variant of a CPU-sized diffusion transform
@@ -213,10 +221,23 @@ def with_stats_weight(profile: Profile, weight: float) -> Profile:
     return replace(profile, stats_weight=float(weight))
 
 
-def with_options(profile: Profile, *, image_size: int | None = None,
-                 stats_weight: float | None = None, bank_rows: int | None = None) -> Profile:
-    """The user's ``--image-size`` / ``--stats-weight`` / ``--bank-rows`` applied in one order
-    (``eval`` and ``export`` share it, so a bundle scores as its eval did)."""
+def with_brightness_tolerance(profile: Profile, text: str) -> Profile:
+    """``profile`` with ``--brightness-tolerance``: ``off`` or a fraction in [0, 1]."""
+    if str(text).strip().lower() in ("off", "none"):
+        return replace(profile, brightness_tolerance=None)
+    try:
+        tol = float(text)
+    except ValueError:
+        tol = -1.0
+    if not 0.0 <= tol <= 1.0:
+        raise ValueError(f"--brightness-tolerance must be 'off' or a fraction from 0 to 1, got {text!r}")
+    return replace(profile, brightness_tolerance=tol)
+
+
+def with_options(profile: Profile, *, image_size: int | None = None, stats_weight: float | None = None,
+                 bank_rows: int | None = None, brightness: str | None = None) -> Profile:
+    """The user's ``--image-size`` / ``--stats-weight`` / ``--bank-rows`` / ``--brightness-tolerance``
+    applied in one order (``eval`` and ``export`` share it, so a bundle scores as its eval did)."""
     if bank_rows is not None:
         if isinstance(bank_rows, bool) or not isinstance(bank_rows, int) or bank_rows < 1:
             raise ValueError(f"--bank-rows must be a positive number of memory-bank rows, got {bank_rows!r}")
@@ -225,6 +246,8 @@ def with_options(profile: Profile, *, image_size: int | None = None,
         profile = with_image_size(profile, image_size)
     if stats_weight is not None:
         profile = with_stats_weight(profile, stats_weight)
+    if brightness is not None:
+        profile = with_brightness_tolerance(profile, brightness)
     return profile
 
 

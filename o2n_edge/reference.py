@@ -119,7 +119,7 @@ def build_reference(
                     text_features=None if text_features is None else text_features.astype(np.float32))
     originals = {k: np.stack([f[k][0] for f in shot_feats]) for k in shot_feats[0]}
     if config.stats_weight > 0:
-        _stats_reference(ref, shot_feats, pool_feats)
+        _stats_reference(ref, shot_feats, pool_feats, config.stats_region_floor)
     if "pool" in config.branches:
         _pool_reference(ref, shot_feats, pool_feats, config.border_fraction)
     if "text" in config.branches:
@@ -159,7 +159,32 @@ def _pool_reference(ref: Reference, shot_feats: list[Features], pool_feats: Feat
     ref.norm["global_pool"] = standardization(loo_globals)
 
 
-def _stats_reference(ref: Reference, shot_feats: list[Features], pool_feats: Features | None) -> None:
+def region_stats(patch: np.ndarray) -> np.ndarray:
+    """(h,w,D) one image's patch features -> (4,2D): the statistics of each quadrant of the grid."""
+    h, w = patch.shape[0] // 2, patch.shape[1] // 2
+    quads = [patch[:h, :w], patch[:h, w:], patch[h:, :w], patch[h:, w:]]
+    return np.concatenate([feature_stats(q[None]) for q in quads])
+
+
+def region_spread(shot_feats: list[Features], scale: np.ndarray) -> float:
+    """Half the mean distance of a quadrant's statistics to the other quadrants' (every shot).
+
+    Why: the statistics branch is standardized by how much a good part's statistics vary. With
+    two or more shots that is measured between the shots (leave one out); with one shot the
+    only other "images" are its flips and rotations, whose statistics barely differ, so the
+    branch would call any other good part an anomaly (measured: a brightness change on
+    hazelnut, tire's part-to-part variation). The shot's own regions are a second measurement:
+    half their mean distance, because a whole image averages four quadrants. On a texture the
+    quadrants agree and the statistics stay a sharp test; on an object they differ, and the
+    branch is scaled down to what one shot can vouch for.
+    """
+    rows = np.concatenate([region_stats(f["patch"][0]) for f in shot_feats])
+    dists = [stats_distance(rows[i:i + 1], np.delete(rows, i, axis=0), scale)[0] for i in range(len(rows))]
+    return 0.5 * float(np.mean(dists))
+
+
+def _stats_reference(ref: Reference, shot_feats: list[Features], pool_feats: Features | None,
+                     region_floor: bool = False) -> None:
     """Statistics bank, scales and leave-one-shot-out standardization of the global branch."""
     per_shot = [feature_stats(f["patch"]) for f in shot_feats]
     extra = [feature_stats(pool_feats["patch"])] if pool_feats is not None else []
@@ -172,4 +197,7 @@ def _stats_reference(ref: Reference, shot_feats: list[Features], pool_feats: Fea
         others = [g for j, g in enumerate(per_shot) if j != i] if len(per_shot) > 1 else [st[1:]]
         assert others[0].shape[0] > 0, "one shot needs augmented views for its constants"
         loo.append(stats_distance(st[:1], np.concatenate(others + extra), scale))
-    ref.norm["global_stats"] = standardization(loo)
+    center, spread = standardization(loo)
+    if region_floor and len(per_shot) == 1:  # one shot: no other part to measure the spread on
+        spread = max(spread, region_spread(shot_feats, scale))
+    ref.norm["global_stats"] = (center, spread)

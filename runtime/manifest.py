@@ -243,8 +243,8 @@ class EncoderInfo(Section):
     grid: list[int] | None = _key((list,), items=(int,))
     output_names: list[str] | None = _key((list,), items=(str,))
     tiling: dict[str, Any] | None = _key((dict, type(None)))
-    # grey level every image is brought to before encoding (data.photometric); null/absent = off
-    brightness_target: float | None = _key((float, type(None)))
+    # [lo, hi] grey levels images are kept in before encoding (data.photometric); null/absent = off
+    brightness_range: list[float] | None = _key((list, type(None)), items=_NUM)
 
 
 @dataclass(kw_only=True)

@@ -125,7 +125,8 @@ class OrtPipeline:
         self.threshold = float(need(md.threshold, "threshold").value)
         enc = need(md.encoder, "encoder")
         self.mean, self.std = tuple(need(enc.mean, "encoder.mean")), tuple(need(enc.std, "encoder.std"))
-        self.brightness_target = None if enc.brightness_target is None else float(enc.brightness_target)
+        level_range = enc.brightness_range
+        self.brightness_range = None if level_range is None else (float(level_range[0]), float(level_range[1]))
         self.encoder_outputs = tuple(need(enc.output_names, "encoder.output_names"))
         tiling = enc.tiling or {"tile": self.image_size, "tiles": 1, "step": 0}
         self.layout = TileLayout(int(tiling["tile"]), int(tiling["tiles"]), int(tiling["step"]))
@@ -213,7 +214,7 @@ class OrtPipeline:
 
     def encode(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """uint8 (B,S,S,3) -> encoder outputs; a tiled bundle's tiles go through the graph as one batch."""
-        pixels = split_tiles(preprocess_numpy(images, self.image_size, self.mean, self.std, self.brightness_target),
+        pixels = split_tiles(preprocess_numpy(images, self.image_size, self.mean, self.std, self.brightness_range),
                              self.layout)
         outs = self.sessions["image_encoder"].run(None, {"pixels": pixels})  # type: ignore[attr-defined]
         return stitch_outputs(dict(zip(self.encoder_outputs, outs)), self.layout)

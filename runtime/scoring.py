@@ -82,6 +82,9 @@ class ScoringConfig:
     # Nearest-row search in the bank's first ``search_dims`` principal axes (0 = every dimension);
     # the distance to the chosen row is exact either way (bank_search.ProjectedSearch).
     search_dims: int = 0
+    # Statistics branch from one shot: its scale is at least half the distance between the
+    # statistics of the shot's own quadrants (o2n_edge.reference.region_spread).
+    stats_region_floor: bool = False
 
     def __post_init__(self) -> None:
         assert self.branches, "at least one branch is needed"
@@ -102,6 +105,7 @@ class ScoringConfig:
             stats_weight=profile.stats_weight,
             border_fraction=profile.border_fraction,
             search_dims=profile.search_dims,
+            stats_region_floor=profile.stats_region_floor,
         )
 
     @classmethod
@@ -118,6 +122,7 @@ class ScoringConfig:
             stats_weight=float(scoring.get("stats_weight", 0.0)),
             border_fraction=float(scoring.get("border_fraction", 0.0)),
             search_dims=int(scoring.get("search_dims", 0)),
+            stats_region_floor=bool(scoring.get("stats_region_floor", False)),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -133,6 +138,7 @@ class ScoringConfig:
             "stats_weight": self.stats_weight,
             "border_fraction": self.border_fraction,
             "search_dims": self.search_dims,
+            "stats_region_floor": self.stats_region_floor,
         }
 
 

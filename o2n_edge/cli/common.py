@@ -88,6 +88,7 @@ def write_json(path: Path, doc: dict) -> None:
 DataOpt = typer.Option(None, "--data", envvar="O2N_DATA", help="Data set root directory (default: $O2N_DATA). Not needed for --dataset textile.")
 DatasetOpt = typer.Option("auto", "--dataset", help="Layout: auto (detect), mvtec, visa, folder, or textile (the built-in demo set, needs o2n-edge[demo]).")
 StatsWeightOpt = typer.Option(None, "--stats-weight", help="Weight of the global statistics branch, which finds whole-image defects (0 = off; default: the profile's, lite 0.5). Lower it where good parts vary in lighting and no whole-image defect is expected.")
+BrightnessOpt = typer.Option(None, "--brightness-tolerance", help="Brightness matching: an image darker or brighter than the shots' range widened by this fraction is brought back to its edge by one gain, so drifting lighting is not a defect; 'off' where overall brightness is itself the defect (default: the profile's; see docs/decisions/lite-detection-core.md).")
 ImageSizeOpt = typer.Option(None, "--image-size", help="Encoder input side in px (default: the profile's; lite 448 sees small defects, 224 is ~9x faster per image; see docs/decisions/lite-detection-core.md).")
 BankRowsOpt = typer.Option(None, "--bank-rows", help="Row budget of the memory bank after the coreset ratio (default: the profile's; lite 8192, which 1/2/4 shots at 448 px stay under), so many shots keep the per-image search bounded.")
 ProfileOpt = typer.Option("lite", "--profile", help="Model profile: tiny (tests), lite (CPU, real scores), sd15 (GPU production).")

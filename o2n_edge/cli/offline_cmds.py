@@ -10,6 +10,7 @@ import typer
 from o2n_edge.cli.common import (
     USER_ERRORS,
     BankRowsOpt,
+    BrightnessOpt,
     DataOpt,
     DatasetOpt,
     ImageSizeOpt,
@@ -40,6 +41,7 @@ def eval_cmd(
     split_csv: Optional[Path] = typer.Option(None, "--split-csv", help="VisA official split csv (default: <data>/split_csv/1cls.csv when present)."),
     image_size: Optional[int] = ImageSizeOpt,
     stats_weight: Optional[float] = StatsWeightOpt,
+    brightness: Optional[str] = BrightnessOpt,
     coreset: Optional[float] = typer.Option(None, "--coreset", help="Score with this fraction of the memory bank, as an exported bundle does (greedy k-center; 1 = whole bank, up to --bank-rows); default: the profile's (lite 0.1)."),
     bank_rows: Optional[int] = BankRowsOpt,
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result document (per run and mean ± std) to this JSON file."),
@@ -58,7 +60,7 @@ def eval_cmd(
         if category is None:
             fail("--category is required (e.g. --category hazelnut), except with --dataset textile")
         prof = with_options(get_profile(profile), image_size=image_size, stats_weight=stats_weight,
-                            bank_rows=bank_rows)
+                            bank_rows=bank_rows, brightness=brightness)
         if coreset is not None and not 0.0 < coreset <= 1.0:
             fail(f"--coreset must be a fraction in (0, 1] (1 = the whole bank), got {coreset}")
         ratio = coreset if coreset is not None else prof.coreset_ratio

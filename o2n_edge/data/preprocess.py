@@ -11,6 +11,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
+from o2n_edge.data.photometric import BrightnessRange, apply_gains, brightness_gains
+
 # PIL's bicubic resize antialiases when downscaling (its filter support scales with the ratio),
 # which is what CLIP's and timm's eval transforms do for these models.
 RESAMPLE = Image.Resampling.BICUBIC
@@ -66,21 +68,21 @@ def preprocess_numpy(
     image_size: int,
     mean: Sequence[float],
     std: Sequence[float],
-    brightness_target: float | None = None,
+    brightness_range: BrightnessRange | None = None,
 ) -> np.ndarray:
     """Resize + normalize to the encoder input (B,3,S,S) float32, with numpy and PIL only.
 
     This is the single definition of preprocessing: :meth:`FeatureEncoder.preprocess` calls it,
     so torch and the torch-free runtime feed the network byte-identical inputs.
-    ``brightness_target``: bring each resized image to this mean grey level by one gain, in
-    float so dark images are not re-quantized (:mod:`o2n_edge.data.photometric`); None = off.
+    ``brightness_range``: (lo, hi) mean grey levels each resized image is brought into by one
+    gain, in float so dark images are not re-quantized (:mod:`o2n_edge.data.photometric`);
+    None = off.
     """
     resized = resize_uint8(images, image_size)
     pixels = resized.astype(np.float32) / np.float32(PIXEL_SCALE)
-    if brightness_target is not None:
-        from o2n_edge.data.photometric import apply_gains, brightness_gains
+    if brightness_range is not None:
 
-        pixels = apply_gains(pixels, brightness_gains(resized, brightness_target))
+        pixels = apply_gains(pixels, brightness_gains(resized, brightness_range))
     mean_a = np.asarray(mean, dtype=np.float32).reshape(1, 1, 1, 3)
     std_a = np.asarray(std, dtype=np.float32).reshape(1, 1, 1, 3)
     pixels = (pixels - mean_a) / std_a

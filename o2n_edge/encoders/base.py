@@ -26,6 +26,7 @@ import numpy as np
 
 from .._lazy import require
 from ..data.tiling import TileLayout, split_tiles, stitch_outputs, tile_layout
+from ..data.photometric import BrightnessRange
 from ..data.preprocess import ImagesLike, _as_image_list, preprocess_numpy, resize_uint8  # noqa: F401  (re-exported)
 
 torch = require("torch", "the feature encoders")
@@ -67,9 +68,9 @@ class FeatureEncoder(nn.Module):
         """Side every image is resized to (the scoring map's side): a tile, or the tiled square."""
         return self.layout.side
 
-    def preprocess(self, images: ImagesLike, brightness_target: float | None = None) -> torch.Tensor:
+    def preprocess(self, images: ImagesLike, brightness_range: BrightnessRange | None = None) -> torch.Tensor:
         """uint8 images -> the graph's (B*tiles,3,S,S) float32 input, via :func:`preprocess_numpy`."""
-        arr = preprocess_numpy(images, self.input_size, self.mean, self.std, brightness_target)
+        arr = preprocess_numpy(images, self.input_size, self.mean, self.std, brightness_range)
         return torch.from_numpy(split_tiles(arr, self.layout))
 
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
@@ -97,7 +98,7 @@ def encode_images(
     images: ImagesLike,
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: str | None = None,
-    brightness_target: float | None = None,
+    brightness_range: BrightnessRange | None = None,
 ) -> dict[str, np.ndarray]:
     """Run ``encoder`` over uint8 images in batches; returns float32 numpy arrays per output.
 
@@ -118,7 +119,7 @@ def encode_images(
     with torch.inference_mode():
         starts = range(0, len(items), batch_size)
         for start in progress_iter(starts, progress or "", enabled=progress is not None):
-            pixels = encoder.preprocess(items[start:start + batch_size], brightness_target).to(device)
+            pixels = encoder.preprocess(items[start:start + batch_size], brightness_range).to(device)
             out = encoder(pixels)
             for name in encoder.output_names:
                 chunks[name].append(out[name].float().cpu().numpy())
