@@ -71,7 +71,8 @@ def test_gains_are_clipped_for_black_frames_and_saturate_like_a_camera() -> None
 
 def test_brightness_jittered_goods_do_not_score_as_anomalies(shared_data: Path) -> None:
     """Real hazelnuts at 128 px, the lite default's scoring: two shots under today's light, good
-    queries lit from 0.6x to 1.4x.
+    queries lit from 0.6x to 1.15x (brighter saturates the yellow background: a blown-out frame
+    cannot be matched back, and is not what this pins).
 
     With brightness matching each good query's score moves far less with its lighting than
     without, and every defect still scores above every good query however it is lit.
@@ -94,7 +95,7 @@ def test_brightness_jittered_goods_do_not_score_as_anomalies(shared_data: Path) 
     shots = [load_image(p, size) for p in ds.train_good[:2]]
     goods = [load_image(s.path, size) for s in ds.test if s.label == 0][:4]
     defects = [load_image(s.path, size) for s in ds.test if s.label == 1][:6]
-    gains = (0.6, 0.8, 1.0, 1.2, 1.4)
+    gains = (0.6, 0.75, 0.9, 1.0, 1.15)
     config = replace(ScoringConfig.from_profile(profile, ("pool",)), image_size=size)
 
     def scores(tolerance: float | None) -> tuple[np.ndarray, np.ndarray]:
@@ -111,7 +112,7 @@ def test_brightness_jittered_goods_do_not_score_as_anomalies(shared_data: Path) 
     good_off, _ = scores(None)
     swing_on = (good_on.max(1) - good_on.min(1)).mean()
     swing_off = (good_off.max(1) - good_off.min(1)).mean()
-    assert swing_on < 0.5 * swing_off, (swing_on, swing_off)
+    assert swing_on < 0.25 * swing_off, (swing_on, swing_off)  # measured: 0.40 vs 4.79
     assert bad_on.min() > good_on.max(), (bad_on.min(), good_on.max())
 
 
@@ -130,7 +131,7 @@ def test_one_shot_statistics_are_scaled_by_the_spread_between_its_regions() -> N
     for feats in (texture, obj):
         shot = {"patch": feats, "global": feats.mean(axis=(1, 2))}
         ref = build_reference([shot], config)
-        assert ref.norm["global_stats"][1] >= region_spread([shot], ref.stats_scale) - 1e-12
+        assert ref.norm["global_stats"][1] >= region_spread([shot], ref.stats_scale) * (1 - 1e-6)
         assert ref.norm["global_stats"][1] >= build_reference([shot], flat).norm["global_stats"][1]
     spread = [region_spread([{"patch": f, "global": f.mean(axis=(1, 2))}], np.ones(8)) for f in (texture, obj)]
     assert spread[1] > 2 * spread[0]
