@@ -273,6 +273,10 @@ def summarize(inputs: list[Path]) -> None:
             worst = f"{min(deltas):+.1f}" if deltas and n != "default" else ""
             lines.append(f"| {n} | " + " | ".join(cells) + f" | {worst} |")
         lines.append("")
+    lines += ["Runs of the default per condition (shots/seed): " + "; ".join(
+        f"{c}: " + " ".join(f"{r['shots']}/{r['seed']}" for r in sorted(by[(c, "default")],
+                                                                      key=lambda r: (r["shots"], r["seed"])))
+        for c in conds) + ". Settings measured on fewer runs are compared on those only.", ""]
     write_text(RESULTS / f"{NAME}.md", "\n".join(lines))
     write_text(RESULTS / f"{NAME}.json", json.dumps({"rows": rows, "runs": recs}, indent=1) + "\n")
 

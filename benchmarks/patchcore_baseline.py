@@ -46,7 +46,7 @@ SHARED = (ROOT / ".." / "shared" / "data").resolve()
 SETS = [("mvtec", SHARED / "hazelnut_toy", "hazelnut"), ("mvtec", SHARED / "mvtec3d_rgb", "tire"),
         ("textile", None, "textile")]
 NAME = "patchcore_baseline"
-DEFAULT_NAME = "accuracy_lite_v2"  # the lite default's runs (not re-run here)
+DEFAULT_NAME = "accuracy_lite_v4"  # the lite default's runs (not re-run here)
 SHOWN = ("image_auroc", "image_ap", "pixel_auroc", "pixel_pro")
 METRICS = (*SHOWN[:2], "image_f1max", *SHOWN[2:])
 IMAGE_SIZE = 256
