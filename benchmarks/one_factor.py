@@ -222,9 +222,10 @@ def run(set_name: str, jitter: bool, shots: list[int], seeds: list[int], names: 
         done = {(r["condition"], r["setting"], r["shots"], r["seed"]) for r in map(json.loads, out.read_text().splitlines())}
     for (k, sd), paths in draws.items():
         pixel_cache: dict = {}
-        for name in names:
-            s = setting_of(name, candidate)
-            label = f"candidate:{candidate}" if name == "candidate" else name
+        expanded = [(n, c) for n in names for c in (candidate.split(";") if n == "candidate" else [""])]
+        for name, combo in expanded:
+            s = setting_of(name, combo)
+            label = f"candidate:{combo}" if name == "candidate" else name
             if (cond, label, k, sd) in done or (k == 1 and s.views == 1):
                 continue  # one shot with one view has no second image to measure constants on
             rec = {"condition": cond, "setting": label, "shots": k, "seed": sd,
@@ -288,7 +289,7 @@ def main() -> None:
     ap.add_argument("--shots", default="1,4")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--settings", default=",".join(FACTORS))
-    ap.add_argument("--candidate", default="", help="comma list of factor names applied together")
+    ap.add_argument("--candidate", default="", help="comma list of factor names applied together; ';' separates several")
     ap.add_argument("--out", type=Path, default=RESULTS / f"{NAME}.runs.jsonl")
     ap.add_argument("--summarize", nargs="*", type=Path, default=None, help="JSONL files to summarize")
     a = ap.parse_args()

@@ -55,7 +55,10 @@ class SessionOptions:
     graph_optimization: str = "all"  # disable | basic | extended | all
     enable_mem_arena: bool = True
     provider_options: dict[str, dict] = field(default_factory=dict)
-    bank_search: str = "onnxruntime"  # onnxruntime (the backend's provider) | numpy
+    # auto: numpy's BLAS on the CPU backend (2x the ORT graph's speed on a 7.5k-row bank, measured
+    # in benchmarks/results/latency_lite_v4.md), the ORT graph on a GPU provider (bank on the
+    # device) | onnxruntime | numpy
+    bank_search: str = "auto"
 
 
 def _make_session(path: Path, opts: SessionOptions, disabled_optimizers: Sequence[str] = (),
@@ -173,10 +176,13 @@ class OrtPipeline:
     def _bank_search(self, bank: np.ndarray) -> NearestSearch:
         """The memory-bank search on this pipeline's provider (TensorRT backends: its CUDA EP),
         in the bank's principal axes where the bundle's scoring says so."""
-        if self.options.bank_search == "numpy":
+        kind = self.options.bank_search
+        if kind == "auto":
+            kind = "numpy" if self.options.backend == "cpu" else "onnxruntime"
+        if kind == "numpy":
             return bank_search_for(self.params, bank, NumpyBankSearch)
-        if self.options.bank_search != "onnxruntime":
-            raise ValueError(f"unknown bank_search {self.options.bank_search!r}: choose onnxruntime or numpy")
+        if kind != "onnxruntime":
+            raise ValueError(f"unknown bank_search {kind!r}: choose auto, onnxruntime or numpy")
         backend = "cuda" if self.options.backend in ("tensorrt", "trt-native") else self.options.backend
         options = replace(self.options, backend=backend)
         return bank_search_for(self.params, bank,

@@ -53,7 +53,9 @@ from o2n_edge.runtime.map_ops import (  # noqa: F401  (re-exported: the scoring'
 if TYPE_CHECKING:
     from o2n_edge.profiles import Profile
 
-KNN_CHUNK = 1024  # query rows per GEMM chunk: bounds the (chunk x bank) distance matrix
+# query rows per GEMM chunk: bounds the (chunk x bank) distance matrix; 256 keeps it near the
+# CPU's cache (1024 made the ORT search 1.4x slower on a 7.5k-row bank)
+KNN_CHUNK = 256
 TEXT_LOGIT_SCALE = 100.0  # CLIP's logit scale, as WinCLIP uses it
 BRANCHES = ("personalized", "pool", "text")
 DEFAULT_NORM = (0.0, 1.0)
