@@ -1,7 +1,8 @@
 """Few-shot evaluation: shots x seeds on one category, metrics per run and mean ± std per shot count.
 
 The test set is encoded once and reused for every (shots, seed) pair: the encoder is fixed, only
-the reference built from the shots changes (with brightness matching, once per shots' brightness). Personalized runs (one per shots/seed) plug in via
+the reference built from the shots changes (with brightness matching, the images outside the
+shots' range are encoded again, brought into it). Personalized runs (one per shots/seed) plug in via
 :class:`NormalProvider`, so the diffusion-free baseline and the full method share this loop.
 """
 
@@ -14,7 +15,7 @@ from typing import Callable, Iterator, Protocol, Sequence
 import numpy as np
 
 from o2n_edge.data import Dataset, load_image, load_mask, sample_shots
-from o2n_edge.data.photometric import BrightnessRange, shots_range
+from o2n_edge.data.photometric import BrightnessRange, brightness_gains, shots_range
 from o2n_edge.data.sampling import ALL_SHOTS, shot_count
 from o2n_edge.data.preprocess import resize_uint8
 from o2n_edge.detection_metrics import compute_metrics, mean_std
@@ -77,15 +78,22 @@ class _FixedFeatures:
         self.images = [load_image(s.path, self.size, draft) for s in progress_iter(samples, "load test images", progress)]
         self.masks = (np.stack([load_mask(s.mask_path, (self.size, self.size)) for s in samples])
                       if dataset.has_masks else None)
-        self.progress_label = "encode test images" if progress else None
-        self.test_feats: dict[BrightnessRange | None, dict[str, np.ndarray]] = {}
+        self.test_feats = _encode(encoder, self.images, "encode test images" if progress else None)
 
     def test(self, brightness_range: BrightnessRange | None = None) -> dict[str, np.ndarray]:
-        """The test set's features, encoded once per brightness range (once when matching is off)."""
-        if brightness_range not in self.test_feats:
-            self.test_feats = {brightness_range: _encode(self.encoder, self.images, self.progress_label,
-                                                          brightness_range)}
-        return self.test_feats[brightness_range]
+        """The test set's features under a brightness range: encoded once, and only the images
+        the range changes (gain != 1) encoded again, so matching costs an eval little time."""
+        if brightness_range is None:
+            return self.test_feats
+        gains = brightness_gains(np.stack(self.images), brightness_range)
+        changed = np.flatnonzero(gains != 1.0)
+        if not changed.size:
+            return self.test_feats
+        again = _encode(self.encoder, [self.images[i] for i in changed], None, brightness_range)
+        out = {k: v.copy() for k, v in self.test_feats.items()}
+        for k, v in again.items():
+            out[k][changed] = v
+        return out
 
     def encode(self, images: Sequence[np.ndarray], brightness_range: BrightnessRange | None = None) -> dict[str, np.ndarray]:
         return _encode(self.encoder, resize_uint8(list(images), self.size), None, brightness_range)
