@@ -116,6 +116,36 @@ def test_brightness_jittered_goods_do_not_score_as_anomalies(shared_data: Path) 
     assert bad_on.min() > good_on.max(), (bad_on.min(), good_on.max())
 
 
+def test_shots_whose_brightness_varies_teach_the_default_that_lighting_is_normal(shared_data: Path) -> None:
+    """Shots lit 0.8x and 1.1x, good queries from 0.6x to 1.15x, the lite default at 128 px:
+    inside the shots' range nothing is matched, and the statistics are standardized by the
+    spread between the shots, so no good part comes near a defect (measured: good at most 1.9,
+    defects at least 6.5)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("timm")
+    from dataclasses import replace
+
+    from o2n_edge.data import load_dataset, load_image
+    from o2n_edge.encoders import build_encoder, encode_images
+    from o2n_edge.profiles import get_profile
+    from o2n_edge.reference import augment_views, build_reference
+    from o2n_edge.runtime.scoring import Scorer, ScoringConfig
+
+    size, profile = 128, get_profile("lite")
+    ds = load_dataset(shared_data / "hazelnut_toy", "mvtec", "hazelnut")
+    encoder = build_encoder(replace(profile.encoder, image_size=size))
+    shots = [_lit(load_image(p, size), g) for p, g in zip(ds.train_good[:2], (0.8, 1.1))]
+    levels = shots_range(shots, profile.brightness_tolerance)
+    config = replace(ScoringConfig.from_profile(profile, ("pool",)), image_size=size)
+    ref = build_reference([encode_images(encoder, augment_views(im), brightness_range=levels) for im in shots], config)
+    scorer = Scorer(config, ref)
+    goods = [_lit(load_image(s.path, size), a) for s in ds.test if s.label == 0 for a in (0.6, 0.75, 0.9, 1.0, 1.15)]
+    defects = [load_image(s.path, size) for s in ds.test if s.label == 1][:6]
+    good = scorer.score(encode_images(encoder, goods, brightness_range=levels)).scores
+    bad = scorer.score(encode_images(encoder, defects, brightness_range=levels)).scores
+    assert bad.min() > good.max() + 2.0, (bad.min(), good.max())
+
+
 def test_one_shot_statistics_are_scaled_by_the_spread_between_its_regions() -> None:
     """A texture's quadrants agree, an object's do not: one shot of the object gets the wider scale."""
     from o2n_edge.reference import build_reference, region_spread
