@@ -51,6 +51,7 @@ class ExportOptions:
     image_size: int | None = None  # encoder input side (None = the profile's; lite: 224 is the fast setting)
     stats_weight: float | None = None  # global statistics branch weight (None = the profile's)
     brightness: str | None = None  # --brightness-tolerance: "off" or a fraction (None = the profile's)
+    search_dims: int | None = None  # --search-dims (None = the profile's)
     threshold_quantile: float = THRESHOLD_QUANTILE
     force: bool = False
     progress: bool = True

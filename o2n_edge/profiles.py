@@ -235,9 +235,11 @@ def with_brightness_tolerance(profile: Profile, text: str) -> Profile:
 
 
 def with_options(profile: Profile, *, image_size: int | None = None, stats_weight: float | None = None,
-                 bank_rows: int | None = None, brightness: str | None = None) -> Profile:
+                 bank_rows: int | None = None, brightness: str | None = None,
+                 search_dims: int | None = None) -> Profile:
     """The user's ``--image-size`` / ``--stats-weight`` / ``--bank-rows`` / ``--brightness-tolerance``
-    applied in one order (``eval`` and ``export`` share it, so a bundle scores as its eval did)."""
+    / ``--search-dims`` applied in one order (``eval`` and ``export`` share it, so a bundle scores
+    as its eval did)."""
     if bank_rows is not None:
         if isinstance(bank_rows, bool) or not isinstance(bank_rows, int) or bank_rows < 1:
             raise ValueError(f"--bank-rows must be a positive number of memory-bank rows, got {bank_rows!r}")
@@ -248,6 +250,10 @@ def with_options(profile: Profile, *, image_size: int | None = None, stats_weigh
         profile = with_stats_weight(profile, stats_weight)
     if brightness is not None:
         profile = with_brightness_tolerance(profile, brightness)
+    if search_dims is not None:
+        if isinstance(search_dims, bool) or not isinstance(search_dims, int) or search_dims < 0:
+            raise ValueError(f"--search-dims must be 0 (every dimension) or a positive number of axes, got {search_dims!r}")
+        profile = replace(profile, search_dims=search_dims)
     return profile
 
 
