@@ -81,7 +81,6 @@ def preprocess_numpy(
     resized = resize_uint8(images, image_size)
     pixels = resized.astype(np.float32) / np.float32(PIXEL_SCALE)
     if brightness_range is not None:
-
         pixels = apply_gains(pixels, brightness_gains(resized, brightness_range))
     mean_a = np.asarray(mean, dtype=np.float32).reshape(1, 1, 1, 3)
     std_a = np.asarray(std, dtype=np.float32).reshape(1, 1, 1, 3)
