@@ -27,8 +27,12 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = (ROOT / ".." / "shared" / "data").resolve()
 RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_SETTINGS = ("v1-like (224 px, no statistics, no draft)=lite0:224:1:2-4:3:0:nodraft:head;"
-                    "v3 default (448 px)=lite0:448:1:2-4:3:0.5:head:rows8192;"
-                    "448 px, no head=lite0:448:1:2-4:3:0.5:rows8192")
+                    "v3 default (448 px, classifier head)=lite0:448:1:2-4:3:0.5:head:rows8192;"
+                    "v4 default (448 px)=lite0:448:1:2-4:3:0.5:rows8192:gain0.05;"
+                    "v4, bank budget 4096=lite0:448:1:2-4:3:0.5:rows4096:gain0.05;"
+                    "v4, search in 64 principal axes=lite0:448:1:2-4:3:0.5:rows8192:pca64:gain0.05;"
+                    "v4, budget 2048 + 32 axes=lite0:448:1:2-4:3:0.5:rows2048:pca32:gain0.05;"
+                    "fast (224 px)=lite0:224:1:2-4:3:0.5:gain0.05")
 
 
 OVERHEAD = ("decode_jpeg", "preprocess", "postprocess", "encode_answer")  # the per-image work around the models
@@ -89,7 +93,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--bundles", type=Path, default=ROOT / "bundles" / "latency_settings")
-    ap.add_argument("--name", default="latency_lite_v3")
+    ap.add_argument("--name", default="latency_lite_v4")
     args = ap.parse_args()
     from benchmarks.harness import machine_stamp, set_threads
     from o2n_edge.bench.latency import (
