@@ -15,7 +15,7 @@ from typing import Callable, Iterator, Protocol, Sequence
 import numpy as np
 
 from o2n_edge.data import Dataset, load_image, load_mask, sample_shots
-from o2n_edge.data.photometric import BrightnessRange, brightness_gains, shots_range
+from o2n_edge.data.photometric import BrightnessRange, gains_for_levels, image_levels, shots_range
 from o2n_edge.data.sampling import ALL_SHOTS, shot_count
 from o2n_edge.data.preprocess import resize_uint8
 from o2n_edge.detection_metrics import compute_metrics, mean_std
@@ -79,13 +79,16 @@ class _FixedFeatures:
         self.masks = (np.stack([load_mask(s.mask_path, (self.size, self.size)) for s in samples])
                       if dataset.has_masks else None)
         self.test_feats = _encode(encoder, self.images, "encode test images" if progress else None)
+        self.levels: np.ndarray | None = None  # the test images' mean grey levels (brightness matching)
 
     def test(self, brightness_range: BrightnessRange | None = None) -> dict[str, np.ndarray]:
         """The test set's features under a brightness range: encoded once, and only the images
         the range changes (gain != 1) encoded again, so matching costs an eval little time."""
         if brightness_range is None:
             return self.test_feats
-        gains = brightness_gains(np.stack(self.images), brightness_range)
+        if self.levels is None:  # measured once: every run's range is applied to the same levels
+            self.levels = np.array([image_levels(im[None])[0] for im in self.images])
+        gains = gains_for_levels(self.levels, brightness_range)
         changed = np.flatnonzero(gains != 1.0)
         if not changed.size:
             return self.test_feats

@@ -2,7 +2,7 @@
 
 Why: with a few-shot bank of tens of thousands of rows the search is one large matrix product,
 the biggest piece of scoring. numpy runs it on its BLAS (the pipeline's choice on the CPU: twice
-the speed of the graph below on a 7.5k-row bank, benchmarks/results/latency_lite_v4.md); ONNX
+the speed of the graph below on a 7.5k-row bank, docs/decisions/latency.md); ONNX
 Runtime runs the shipped
 ``static/bank_search.onnx`` graph (MatMul + ArgMin, written by
 ``o2n_edge.export.bank_search_graph``) with MLAS on the CPU or cuBLAS on a GPU, where the bank is

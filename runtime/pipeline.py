@@ -56,8 +56,8 @@ class SessionOptions:
     enable_mem_arena: bool = True
     provider_options: dict[str, dict] = field(default_factory=dict)
     # auto: numpy's BLAS on the CPU backend (2x the ORT graph's speed on a 7.5k-row bank, measured
-    # in benchmarks/results/latency_lite_v4.md), the ORT graph on a GPU provider (bank on the
-    # device) | onnxruntime | numpy
+    # as docs/decisions/latency.md reports), the ORT graph on a GPU provider (bank on the device)
+    # | onnxruntime | numpy
     bank_search: str = "auto"
 
 

@@ -43,11 +43,20 @@ def shots_range(shot_images: list[np.ndarray], tolerance: float | None) -> Brigh
     return round(min(levels) * (1.0 - tolerance), 4), round(max(levels) * (1.0 + tolerance), 4)
 
 
-def brightness_gains(images: np.ndarray, level_range: BrightnessRange) -> np.ndarray:
-    """(B,) gains that bring each uint8 image of (B,H,W,3) into ``level_range`` (1 inside it)."""
-    levels = np.maximum(np.asarray(images, dtype=np.float64).reshape(len(images), -1).mean(axis=1), MIN_BRIGHTNESS)
+def image_levels(images: np.ndarray) -> np.ndarray:
+    """(B,) mean grey levels of uint8 (B,H,W,3) images, floored at MIN_BRIGHTNESS."""
+    return np.maximum(np.asarray(images, dtype=np.float64).reshape(len(images), -1).mean(axis=1), MIN_BRIGHTNESS)
+
+
+def gains_for_levels(levels: np.ndarray, level_range: BrightnessRange) -> np.ndarray:
+    """(B,) gains that bring images of these mean grey levels into ``level_range`` (1 inside it)."""
     lo, hi = level_range
     return np.clip(np.clip(levels, lo, hi) / levels, MIN_GAIN, MAX_GAIN)
+
+
+def brightness_gains(images: np.ndarray, level_range: BrightnessRange) -> np.ndarray:
+    """(B,) gains that bring each uint8 image of (B,H,W,3) into ``level_range`` (1 inside it)."""
+    return gains_for_levels(image_levels(images), level_range)
 
 
 def apply_gains(pixels: np.ndarray, gains: np.ndarray) -> np.ndarray:
