@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from o2n_edge._lazy import require
+from o2n_edge.encoders.onnx_runner import EncoderWrapper  # noqa: F401  (re-exported: the offline encoding traces it too)
 
 torch = require("torch", "the ONNX export")
 nn = torch.nn
@@ -82,21 +83,6 @@ class VaeDecoderWrapper(_ScaledVae):
     def forward(self, latent: Any) -> Any:
         z = latent / self.scaling_factor + self.shift_factor
         return self.vae.decode(z, return_dict=False)[0]
-
-
-class EncoderWrapper(nn.Module):
-    """FeatureEncoder dict -> tuple in ``output_names`` order (ONNX outputs are positional)."""
-
-    def __init__(self, encoder: Any, output_names: tuple[str, ...] | None = None) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.output_names = tuple(output_names or encoder.output_names)
-
-    def forward(self, pixels: Any) -> tuple[Any, ...]:
-        out = self.encoder(pixels)
-        missing = [k for k in self.output_names if k not in out]
-        assert not missing, f"encoder output lacks {missing}"
-        return tuple(out[k] for k in self.output_names)
 
 
 class TextEncoderWrapper(nn.Module):

@@ -411,4 +411,5 @@ def test_tiled_encoding_stitches_tiles(lite: FeatureEncoder) -> None:
     # the top-left tile's interior cells are that tile's own features
     with torch.inference_mode():
         first = enc(enc.preprocess(images[:1])[:1])["patch"].numpy()[0]
-    np.testing.assert_allclose(out["patch"][0, :20, :20], first[:20, :20], rtol=1e-5, atol=1e-5)
+    # encode_images ran the traced graph on onnxruntime: float32 noise of 1e-5, not bits
+    np.testing.assert_allclose(out["patch"][0, :20, :20], first[:20, :20], rtol=1e-4, atol=1e-4)
