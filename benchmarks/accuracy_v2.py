@@ -10,7 +10,7 @@ the JSON + markdown table are rewritten after each, with the baseline's figures
 (``--baseline``, measured by ``benchmarks.accuracy`` with the v1 defaults) beside them.
 
 Usage: python -m benchmarks.accuracy_v2 [--name accuracy_lite_v2] [--baseline accuracy_lite_v1_baseline]
-           [--only tire,textile] [--shots 1,2,4] [--seeds 0,1,2] [--image-size 224]
+           [--only tire,textile] [--shots 1,2,4] [--seeds 0,1,2] [--image-size 224] [--search-precision int8]
 """
 
 from __future__ import annotations
@@ -49,6 +49,8 @@ def baseline_table(name: str) -> dict[tuple[str, int], dict]:
     if not path.exists():
         return {}
     doc = json.loads(path.read_text())
+    if "rows" in doc:  # a result of this script: one row per (category, shots)
+        return {(r["category"], r["shots"]): r for r in doc["rows"]}
     return {(r["category"], s["shots"]): s for r in doc["results"] for s in r["summary"]}
 
 
@@ -56,8 +58,8 @@ def summarize(records: list[dict], base: dict, variant: str) -> tuple[list[dict]
     """Rows per (category, shots) with the baseline beside them, and their markdown table."""
     order = [c for _, _, c in SETS]
     keys = sorted({(r["category"], r["shots"]) for r in records}, key=lambda x: (order.index(x[0]), x[1]))
-    lines = ["| category | shots | seeds | variant | image AUROC (v1) | image AUROC (default) | Δ | image AP | pixel AUROC (v1) | "
-             "pixel AUROC (default) | PRO (v1) | PRO (default) | setting (per seed) | wall s |",
+    lines = ["| category | shots | seeds | variant | image AUROC (base) | image AUROC (default) | Δ | image AP | pixel AUROC (base) | "
+             "pixel AUROC (default) | PRO (base) | PRO (default) | setting (per seed) | wall s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     rows = []
     for cat, k in keys:
@@ -86,7 +88,7 @@ def summarize(records: list[dict], base: dict, variant: str) -> tuple[list[dict]
         v2 = float(np.mean([r["image_auroc"]["mean"] for r in head]))
         v1 = float(np.mean([r["baseline"]["image_auroc"]["mean"] for r in head]))
         lines.append("")
-        lines.append(f"Mean image AUROC over tire and textile ({len(head)} shot settings): v1 {100 * v1:.1f} -> "
+        lines.append(f"Mean image AUROC over tire and textile ({len(head)} shot settings): base {100 * v1:.1f} -> "
                      f"default {100 * v2:.1f} ({100 * (v2 - v1):+.1f} points).")
     both = [r for r in rows if r.get("image_auroc") and r["baseline"].get("image_auroc")]
     if both:
@@ -106,6 +108,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--image-size", type=int, default=None, help="the encoder's input side (224 = the fast setting)")
     ap.add_argument("--stats-weight", type=float, default=None, help="the global statistics branch's weight")
+    ap.add_argument("--search-precision", default=None, help="float32 | int8: the bank search's arithmetic")
     ap.add_argument("--merge", default=None,
                     help="comma list of result names whose .runs.jsonl are combined into --name (no runs)")
     args = ap.parse_args()
@@ -117,7 +120,7 @@ def main() -> None:
     from o2n_edge.profiles import with_options
 
     profile = with_options(get_profile("lite"), image_size=args.image_size,
-                           stats_weight=args.stats_weight)
+                           stats_weight=args.stats_weight, search_precision=args.search_precision)
     variant = f"shots-only, fixed: {fixed_setting(profile)}"
     RESULTS.mkdir(parents=True, exist_ok=True)
     jsonl = RESULTS / f"{args.name}.runs.jsonl"
@@ -142,8 +145,8 @@ def main() -> None:
                "rows": rows, "runs": records}
         (RESULTS / f"{args.name}.json").write_text(json.dumps(doc, indent=2) + "\n")
         (RESULTS / f"{args.name}.md").write_text(
-            f"# {args.name}\n\nlite profile, {variant}; percent, mean ± std over seeds; v1 = `{args.baseline}` "
-            f"(same harness, v1 defaults: Lite0 at 224 px, layers 2+4, no statistics branch, whole bank). "
+            f"# {args.name}\n\nlite profile, {variant}; percent, mean ± std over seeds; base = `{args.baseline}` "
+            f"(same harness; its own file says what it ran). "
             f"The default scores with the exported coreset ({profile.coreset_ratio}) and JPEG draft decode = "
             f"{profile.jpeg_draft}; "
             + "one setting for every category and run. "

@@ -2,8 +2,9 @@
 
 Two parts, both written into ``results/bank_build.{json,md}`` (each run keeps the other part):
 
-* ``--part timing``: each case in its own process, so ``ru_maxrss`` is that case's peak memory:
-  4 shots of tire at 448 px (exact greedy), 200 textile good images at 448 px (per-image coresets
+* ``--part timing``: each case in its own process, so ``ru_maxrss`` is that case's peak memory,
+  with the encoder as ``eval`` and ``export`` run it (its traced graph on onnxruntime;
+  ``O2N_ENCODE_BACKEND=torch`` for torch): 4 shots of tire at 448 px (exact greedy), 200 textile good images at 448 px (per-image coresets
   then one greedy, streamed: no more than one image's features are held besides the kept rows),
   and the removed torch coreset on the 4-shot bank, stopped after ``--old-limit`` s (a lower bound,
   extrapolated from the iterations it managed).
@@ -133,6 +134,10 @@ def run_case(case: str, data: Path, size: int, old_limit: float) -> dict:
             idx = greedy_coreset(bank, profile.coreset_ratio, seed=0, max_rows=profile.bank_max_rows)
             core_s = time.perf_counter() - t
             out.update(rows=len(idx), method="exact")
+    from o2n_edge.encoders.onnx_runner import onnx_runner_for
+
+    out["encoder"] = "onnxruntime" if onnx_runner_for(encoder) is not None else "torch"
+    out["measured"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     out.update(encode_s=round(enc_s, 1), coreset_s=round(core_s, 1), total_s=round(time.perf_counter() - t0, 1),
                peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 0))
     return out
@@ -187,13 +192,15 @@ def markdown(doc: dict) -> str:
     lines = ["# Bank build: features -> coreset -> bank", "", *stamp_lines(doc["machine"]), ""]
     if doc.get("timing"):
         lines += ["## Time and peak memory (lite, 448 px, 1 thread, each case its own process)", "",
-                  "| case | images | rows before | rows kept | method | encode s | coreset s | total s | peak RSS MiB |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| case | images | rows before | rows kept | method | encoder | encode s | coreset s | total s | peak RSS MiB "
+                  "| measured |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in doc["timing"]:
             core = (f"{r['coreset_s']}" if r.get("finished", True)
                     else f"> {r['coreset_s']} (stopped at {r['kept']}/{r['target']} rows; ~{r['extrapolated_s']:.0f} extrapolated)")
             lines.append(f"| {r['case']} | {r['images']} | {r['rows_before']} | {r['rows']} | {r['method']} | "
-                         f"{r['encode_s']} | {core} | {r['total_s']} | {r['peak_rss_mib']:.0f} |")
+                         f"{r.get('encoder', 'torch')} | {r['encode_s']} | {core} | {r['total_s']} | "
+                         f"{r['peak_rss_mib']:.0f} | {r.get('measured', 'before the onnxruntime encoder')} |")
         old = [r for r in doc["timing"] if "same_picks_in_order" in r]
         lines += ["", "Targets: 4 shots <= 15 s; 200 good images <= 180 s and <= 4 GiB peak."]
         if old:

@@ -8,8 +8,8 @@ alike. Writes benchmarks/results/<name>.{json,md}.
 Usage: python -m benchmarks.latency_settings [--settings "v1=lite0:224:1:2-4:3:0:nodraft:head;..."] [--iters 30]
 A setting is label=kind:size:tiles:layers:kernel:stats_weight[:flag...], flags: ``nodraft`` (full
 JPEG decode), ``head`` (the encoder runs its classifier head for the global feature),
-``rowsN`` (bank row budget N), ``pcaN`` (search in N principal axes), ``gainT`` (brightness
-matching, tolerance T); whatever the setting does not name is the lite profile's.
+``rowsN`` (bank row budget N), ``pcaN`` (search in N principal axes), ``int8`` (the nearest row
+chosen in int8), ``gainT`` (brightness matching, tolerance T); whatever the setting does not name is the lite profile's.
 """
 
 from __future__ import annotations
@@ -55,6 +55,8 @@ def setting_profile(text: str, base: Profile) -> Profile:
             changes["search_dims"] = int(f[3:])
         elif f.startswith("gain"):
             changes["brightness_tolerance"] = float(f[4:] or 0.0)
+        elif f == "int8":
+            changes["search_precision"] = "int8"
         elif f not in ("nodraft", "head"):
             raise ValueError(f"unknown setting flag {f!r}")
     return replace(base, **changes)

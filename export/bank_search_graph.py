@@ -15,6 +15,14 @@ Inputs: ``queries`` (N, D+1) float32, the query rows with a trailing 1; ``bank_t
 float32, the bank's rows as ``[-2 b, |b|^2]`` transposed. Their product is ``|b|^2 - 2 q.b``, the
 squared distance less the per-row constant ``|q|^2``, so its argmin is the nearest bank row.
 Output: ``nearest`` (N,) int64.
+
+The int8 search (``scoring.search_precision = "int8"``, CPU) is a second graph,
+``runtime/static/bank_search_int8.onnx``: MatMulInteger -> TopK over uint8 query rows (zero
+point 128) and an int8 bank whose product is the quantized ``q.b - |b|^2 / 2``; it returns each
+query's ``k`` best candidate rows (``k`` an input), which the runtime re-ranks in float32. Its bank must be
+a constant for onnxruntime to pre-pack it once (as an input it is re-packed on every call, twice
+the time), so the graph holds a 1x1 placeholder initializer ``bank_q`` that the runtime replaces
+with the bundle's bank through ``SessionOptions.add_initializer``.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from pathlib import Path
 
 OPSET = 17
 GRAPH_PATH = Path(__file__).resolve().parent.parent / "runtime" / "static" / "bank_search.onnx"
+INT8_GRAPH_PATH = GRAPH_PATH.with_name("bank_search_int8.onnx")
 
 
 def build_bank_search_graph() -> bytes:
@@ -47,11 +56,43 @@ def build_bank_search_graph() -> bytes:
     return model.SerializeToString()
 
 
-def write_bank_search_graph(path: Path = GRAPH_PATH) -> Path:
-    """Regenerate the shipped graph file (run after changing :func:`build_bank_search_graph`)."""
+def build_int8_search_graph() -> bytes:
+    """Serialized ModelProto of MatMulInteger -> TopK(axis=1); the bank is a placeholder initializer.
+
+    ``k`` is an input, not an attribute or initializer: shape inference would check a constant
+    ``k`` against the 1x1 placeholder's width and refuse the graph.
+    """
+    from onnx import TensorProto, checker, helper
+
+    queries = helper.make_tensor_value_info("queries_q", TensorProto.UINT8, ["N", "D1"])
+    k = helper.make_tensor_value_info("k", TensorProto.INT64, [1])
+    candidates = helper.make_tensor_value_info("candidates", TensorProto.INT64, ["N", "K"])
+    placeholder = helper.make_tensor("bank_q", TensorProto.INT8, [1, 1], [0])
+    zero_point = helper.make_tensor("queries_zero_point", TensorProto.UINT8, [], [128])
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMulInteger", ["queries_q", "bank_q", "queries_zero_point"], ["closeness"],
+                             name="quantized_closeness"),
+            helper.make_node("TopK", ["closeness", "k"], ["best_closeness", "candidates"], name="candidate_rows",
+                             axis=1),
+        ],
+        "o2n_bank_search_int8",
+        [queries, k],
+        [candidates],
+        [placeholder, zero_point],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="o2n-edge")
+    model.ir_version = 8
+    checker.check_model(model)
+    return model.SerializeToString()
+
+
+def write_bank_search_graph(path: Path = GRAPH_PATH, int8_path: Path = INT8_GRAPH_PATH) -> list[Path]:
+    """Regenerate the shipped graph files (run after changing a builder above)."""
     path.write_bytes(build_bank_search_graph())
-    return path
+    int8_path.write_bytes(build_int8_search_graph())
+    return [path, int8_path]
 
 
 if __name__ == "__main__":
-    print(write_bank_search_graph())
+    print(*write_bank_search_graph(), sep="\n")

@@ -52,6 +52,7 @@ class ExportOptions:
     stats_weight: float | None = None  # global statistics branch weight (None = the profile's)
     brightness: str | None = None  # --brightness-tolerance: "off" or a fraction (None = the profile's)
     search_dims: int | None = None  # --search-dims (None = the profile's)
+    search_precision: str | None = None  # --search-precision (None = the profile's)
     threshold_quantile: float = THRESHOLD_QUANTILE
     force: bool = False
     progress: bool = True

@@ -47,7 +47,8 @@ def resolve_inputs(opts: ExportOptions) -> ExportPlan:
     if opts.encoder_checkpoint is not None:
         profile = replace(profile, encoder=replace(profile.encoder, checkpoint=str(opts.encoder_checkpoint)))
     profile = with_options(profile, image_size=opts.image_size, stats_weight=opts.stats_weight,
-                           bank_rows=opts.bank_rows, brightness=opts.brightness, search_dims=opts.search_dims)
+                           bank_rows=opts.bank_rows, brightness=opts.brightness, search_dims=opts.search_dims,
+                           search_precision=opts.search_precision)
     branches = parse_branches(opts.branches, profile)
     if opts.pool_size and "pool" in branches:  # a generated pool needs a diffusion model (lite has none)
         profile.require_diffusion("--pool-size")

@@ -84,6 +84,9 @@ class Profile:
     # Nearest-row search in the bank's first N principal axes (scoring.ScoringConfig.search_dims);
     # 0 = every dimension.
     search_dims: int = 0
+    # Nearest-row search arithmetic on a CPU (scoring.ScoringConfig.search_precision): "float32"
+    # (exact) or "int8" (the row chosen in int8, its distance exact); a GPU always uses float32.
+    search_precision: str = "float32"
     # Statistics branch from one shot scaled at least by how its statistics vary between the
     # shot's regions (scoring.ScoringConfig.stats_region_floor).
     stats_region_floor: bool = False
@@ -236,9 +239,9 @@ def with_brightness_tolerance(profile: Profile, text: str) -> Profile:
 
 def with_options(profile: Profile, *, image_size: int | None = None, stats_weight: float | None = None,
                  bank_rows: int | None = None, brightness: str | None = None,
-                 search_dims: int | None = None) -> Profile:
+                 search_dims: int | None = None, search_precision: str | None = None) -> Profile:
     """The user's ``--image-size`` / ``--stats-weight`` / ``--bank-rows`` / ``--brightness-tolerance``
-    / ``--search-dims`` applied in one order (``eval`` and ``export`` share it, so a bundle scores
+    / ``--search-dims`` / ``--search-precision`` applied in one order (``eval`` and ``export`` share it, so a bundle scores
     as its eval did)."""
     if bank_rows is not None:
         if isinstance(bank_rows, bool) or not isinstance(bank_rows, int) or bank_rows < 1:
@@ -254,6 +257,13 @@ def with_options(profile: Profile, *, image_size: int | None = None, stats_weigh
         if isinstance(search_dims, bool) or not isinstance(search_dims, int) or search_dims < 0:
             raise ValueError(f"--search-dims must be 0 (every dimension) or a positive number of axes, got {search_dims!r}")
         profile = replace(profile, search_dims=search_dims)
+    if search_precision is not None:
+        from .runtime.scoring import SEARCH_PRECISIONS
+
+        if search_precision not in SEARCH_PRECISIONS:
+            raise ValueError(f"--search-precision must be one of {', '.join(SEARCH_PRECISIONS)}, "
+                             f"got {search_precision!r}")
+        profile = replace(profile, search_precision=search_precision)
     return profile
 
 

@@ -179,14 +179,17 @@ class OrtPipeline:
         kind = self.options.bank_search
         if kind == "auto":
             kind = "numpy" if self.options.backend == "cpu" else "onnxruntime"
-        if kind == "numpy":
-            return bank_search_for(self.params, bank, NumpyBankSearch)
-        if kind != "onnxruntime":
+        if kind not in ("numpy", "onnxruntime"):
             raise ValueError(f"unknown bank_search {kind!r}: choose auto, onnxruntime or numpy")
+        # int8 is the CPU's search; a GPU searches the float32 bank exactly, on the device
+        params = self.params if self.options.backend == "cpu" else replace(self.params, search_precision="float32")
+        if kind == "numpy":
+            return bank_search_for(params, bank, NumpyBankSearch, self.options.intra_op_threads)
         backend = "cuda" if self.options.backend in ("tensorrt", "trt-native") else self.options.backend
         options = replace(self.options, backend=backend)
-        return bank_search_for(self.params, bank,
-                               lambda rows: OrtBankSearch(rows, lambda path: _make_session(path, options)))
+        return bank_search_for(params, bank,
+                               lambda rows: OrtBankSearch(rows, lambda path: _make_session(path, options)),
+                               self.options.intra_op_threads)
 
     def _session(self, name: str):
         if self.session_factory is not None:

@@ -32,13 +32,14 @@ No torch here: this module runs on the device.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from o2n_edge.runtime.bank_search import NearestSearch, NumpyBankSearch, ProjectedSearch
+from o2n_edge.runtime.bank_search import Int8BankSearch, NearestSearch, NumpyBankSearch, ProjectedSearch
 from o2n_edge.runtime.map_ops import (  # noqa: F401  (re-exported: the scoring's public names)
     bilinear_matrix,
     gaussian_kernel1d,
@@ -60,6 +61,7 @@ TEXT_LOGIT_SCALE = 100.0  # CLIP's logit scale, as WinCLIP uses it
 BRANCHES = ("personalized", "pool", "text")
 DEFAULT_NORM = (0.0, 1.0)
 
+SEARCH_PRECISIONS = ("float32", "int8")
 RingNorm = tuple[tuple[float, float], ...]  # (center, scale) per border ring, the interior last
 
 
@@ -87,9 +89,15 @@ class ScoringConfig:
     # Statistics branch from one shot: its scale is at least half the distance between the
     # statistics of the shot's own quadrants (o2n_edge.reference.region_spread).
     stats_region_floor: bool = False
+    # "float32": the exact nearest row; "int8": the row chosen in int8 on the CPU
+    # (bank_search.Int8BankSearch), its distance still exact. A GPU always searches in float32.
+    search_precision: str = "float32"
 
     def __post_init__(self) -> None:
         assert self.branches, "at least one branch is needed"
+        if self.search_precision not in SEARCH_PRECISIONS:
+            raise ValueError(f"search_precision must be one of {', '.join(SEARCH_PRECISIONS)}, "
+                             f"got {self.search_precision!r}")
         for b in self.branches:
             assert b in BRANCHES, f"unknown branch {b}"
             assert self.weights.get(b, 0.0) > 0, f"branch {b} needs a positive weight"
@@ -108,6 +116,7 @@ class ScoringConfig:
             border_fraction=profile.border_fraction,
             search_dims=profile.search_dims,
             stats_region_floor=profile.stats_region_floor,
+            search_precision=profile.search_precision,
         )
 
     @classmethod
@@ -125,6 +134,7 @@ class ScoringConfig:
             border_fraction=float(scoring.get("border_fraction", 0.0)),
             search_dims=int(scoring.get("search_dims", 0)),
             stats_region_floor=bool(scoring.get("stats_region_floor", False)),
+            search_precision=str(scoring.get("search_precision", "float32")),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -141,6 +151,7 @@ class ScoringConfig:
             "border_fraction": self.border_fraction,
             "search_dims": self.search_dims,
             "stats_region_floor": self.stats_region_floor,
+            "search_precision": self.search_precision,
         }
 
 
@@ -261,8 +272,15 @@ def stats_distance(stats: np.ndarray, bank: np.ndarray, scale: np.ndarray) -> np
 
 
 def bank_search_for(config: ScoringConfig, bank: np.ndarray,
-                    make_search: Callable[[np.ndarray], NearestSearch]) -> NearestSearch:
-    """The search ``config`` asks for over ``bank``: ``make_search``'s, in principal axes if set."""
+                    make_search: Callable[[np.ndarray], NearestSearch], threads: int = 0) -> NearestSearch:
+    """The search ``config`` asks for over ``bank``: ``make_search``'s, in principal axes if set.
+
+    ``search_precision="int8"`` replaces ``make_search`` with the CPU int8 search (a GPU pipeline
+    passes a float32 config instead: its search is exact and on the device), on ``threads``
+    onnxruntime threads (0: its default).
+    """
+    if config.search_precision == "int8":
+        make_search = functools.partial(Int8BankSearch, threads=threads)
     if 0 < config.search_dims < bank.shape[1]:
         return ProjectedSearch(bank, config.search_dims, make_search)
     return make_search(bank)

@@ -96,3 +96,71 @@ def test_scoring_config_picks_the_projected_search() -> None:
     full = ScoringConfig.from_manifest({**cfg.to_dict(), "search_dims": 0})
     assert isinstance(bank_search_for(full, bank, NumpyBankSearch), NumpyBankSearch)
     assert ScoringConfig.from_manifest({k: v for k, v in cfg.to_dict().items() if k != "search_dims"}).search_dims == 0
+
+
+def test_shipped_int8_graph_is_what_the_generator_writes() -> None:
+    from o2n_edge.export.bank_search_graph import build_int8_search_graph
+    from o2n_edge.runtime.bank_search import INT8_GRAPH_PATH
+
+    assert INT8_GRAPH_PATH.read_bytes() == build_int8_search_graph(), (
+        "runtime/static/bank_search_int8.onnx is stale: run python -m o2n_edge.export.bank_search_graph")
+
+
+def _feature_like(rng: np.random.Generator, m: int, n: int, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """A bank of heavy-tailed rows (like CNN features) and queries near it, plus a few outliers."""
+    bank = (rng.standard_t(5, size=(m, d)) * 2.0).astype(np.float32)
+    queries = bank[rng.integers(0, m, n)] + rng.normal(scale=0.7, size=(n, d))
+    queries[:5] *= 4.0  # defect-like rows beyond the bank's range: clipped, still searched
+    return bank, queries.astype(np.float32)
+
+
+@pytest.mark.parametrize("m,n,d", [(1, 7, 3), (2000, 300, 152), (600, 129, 40)])
+def test_int8_search_computes_the_quantized_product_it_documents(m: int, n: int, d: int) -> None:
+    """The graph's candidates are the best rows of ``Q . B - H`` computed here in plain integers."""
+    from o2n_edge.runtime.bank_search import INT8_CANDIDATES, Int8BankSearch
+
+    rng = np.random.default_rng(m + n)
+    bank, queries = _feature_like(rng, m, n, d)
+    search = Int8BankSearch(bank, threads=1)
+    assert np.abs(search.bank_q.astype(int)).max() <= 63  # pair sums fit int16 on CPUs without VNNI
+    rows = search.quantize(queries).astype(np.int64) - 128
+    product = rows @ search.bank_q.astype(np.int64)
+    cand = search.candidates(queries)
+    k = min(INT8_CANDIDATES, m)
+    assert cand.shape == (n, k) and cand.dtype == np.int64
+    best = -np.sort(-product, axis=1)[:, :k]
+    np.testing.assert_array_equal(np.take_along_axis(product, cand, axis=1), best)
+    got = search(queries)  # the float32-nearest of the candidates
+    assert got.shape == (n,) and got.dtype == np.int64
+    d2 = ((queries[:, None, :] - bank[cand]) ** 2).sum(-1)
+    np.testing.assert_array_equal(got, cand[np.arange(n), d2.argmin(axis=1)])
+    assert search(queries[:0]).shape == (0,)
+
+
+def test_int8_search_finds_the_nearest_row_or_a_near_tie() -> None:
+    """Quantization may miss a near-tie, never pick a far row; the distance stays exact."""
+    from o2n_edge.runtime.bank_search import Int8BankSearch
+
+    rng = np.random.default_rng(4)
+    bank, queries = _feature_like(rng, 3000, 500, 152)
+    exact = knn_distance(queries, bank, NumpyBankSearch(bank))
+    int8 = knn_distance(queries, bank, Int8BankSearch(bank, threads=1))
+    assert np.all(int8 >= exact - 1e-9)
+    assert np.mean(int8 <= exact + 1e-9) > 0.99  # the same row for almost every query
+    assert np.max(int8 / exact) < 1.02  # and only near-ties otherwise
+    assert np.mean(int8 / exact) < 1.0005
+
+
+def test_scoring_config_picks_the_int8_search_and_reads_old_manifests() -> None:
+    from o2n_edge.runtime.bank_search import Int8BankSearch, ProjectedSearch
+    from o2n_edge.runtime.scoring import ScoringConfig, bank_search_for
+
+    bank = np.random.default_rng(2).normal(size=(50, 16)).astype(np.float32)
+    cfg = ScoringConfig(branches=("pool",), weights={"pool": 1.0}, image_size=64, search_precision="int8")
+    assert isinstance(bank_search_for(cfg, bank, NumpyBankSearch), Int8BankSearch)
+    both = bank_search_for(ScoringConfig.from_manifest({**cfg.to_dict(), "search_dims": 4}), bank, NumpyBankSearch)
+    assert isinstance(both, ProjectedSearch) and isinstance(both.inner, Int8BankSearch)
+    old = {k: v for k, v in cfg.to_dict().items() if k != "search_precision"}
+    assert ScoringConfig.from_manifest(old).search_precision == "float32"
+    with pytest.raises(ValueError, match="search_precision"):
+        ScoringConfig(branches=("pool",), weights={"pool": 1.0}, image_size=64, search_precision="fp8")

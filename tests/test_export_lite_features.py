@@ -1,5 +1,6 @@
 """Export -> runtime with the lite feature options: tiles through the encoder graph, the global
-statistics branch and JPEG draft decoding travel in the bundle and score as the torch reference."""
+statistics branch, JPEG draft decoding and the int8 search travel in the bundle and score as the
+torch reference."""
 
 from __future__ import annotations
 
@@ -24,13 +25,15 @@ def tiled_bundle(shared_data: Path, tmp_path_factory: pytest.TempPathFactory):
         root = tmp_path_factory.mktemp("lite-tiled")
         yield export_bundle(ExportOptions(
             category="hazelnut", out=root / "bundle", profile="lite", data=shared_data / "hazelnut_toy",
-            shots=2, seed=0, branches="pool", pool_size=0, runs_dir=root / "runs", progress=False))
+            shots=2, seed=0, branches="pool", pool_size=0, runs_dir=root / "runs", progress=False,
+            search_precision="int8"))
     finally:
         mp.undo()
 
 
 def test_tiled_stats_bundle_matches_reference(tiled_bundle, shared_data: Path) -> None:
-    from o2n_edge.runtime.pipeline import OrtPipeline
+    from o2n_edge.runtime.bank_search import Int8BankSearch, OrtBankSearch
+    from o2n_edge.runtime.pipeline import OrtPipeline, SessionOptions
 
     m = tiled_bundle.manifest
     assert m["image_size"] == 96 + 64 and m["encoder"]["tiling"] == {"tile": 96, "tiles": 2, "step": 64, "side": 160}
@@ -40,9 +43,13 @@ def test_tiled_stats_bundle_matches_reference(tiled_bundle, shared_data: Path) -
     # each with its own constants (on hazelnut the part sits in the middle: the interior is the far one)
     rings = m["scoring"]["ring_norm"]["pool"]
     assert m["scoring"]["border_fraction"] == 0.15 and len(rings) == 4 and len({c for c, _ in rings}) == 4
-    assert tiled_bundle.parity["max_abs"] < 1e-3  # export's own runtime-vs-torch check
+    assert tiled_bundle.parity["max_abs"] < 1e-3  # export's own runtime-vs-torch check, int8 search on both sides
     pipe = OrtPipeline(tiled_bundle.bundle)
     assert pipe.layout.count == 4 and pipe.jpeg_draft
+    assert m["scoring"]["search_precision"] == "int8" and isinstance(pipe.scorer.search, Int8BankSearch)
+    # a GPU backend searches the float32 bank exactly on the device (here: its CPU fallback)
+    gpu = OrtPipeline(tiled_bundle.bundle, SessionOptions(backend="cuda"))
+    assert isinstance(gpu.scorer.search, OrtBankSearch)
     jpg = sorted((shared_data / "hazelnut_toy" / "hazelnut" / "test" / "colour").glob("*.jpg"))[0]
     img = pipe.decode(jpg.read_bytes(), jpg.name)
     assert img.shape == (256, 256, 3)  # 512 px decoded at 1/2 (1/4 = 128 would not cover 160)
@@ -62,4 +69,4 @@ def test_inspect_prints_the_settings(tiled_bundle) -> None:
     assert res.exit_code == 0, res.output
     line = json.loads(res.output)["settings"]
     assert "2x2 tiles" in line and "layers [2, 3]" in line and "statistics weight 1.0" in line and "JPEG draft True" in line
-    assert "border rings 0.15" in line and "global cosine weight 0.0" in line
+    assert "border rings 0.15" in line and "global cosine weight 0.0" in line and "search int8 on a CPU" in line

@@ -26,3 +26,12 @@ def test_search_dims_and_bank_rows_reach_the_scoring_config() -> None:
     for bad in (-1, True, 2.5):
         with pytest.raises(ValueError, match="--search-dims"):
             with_options(get_profile("lite"), search_dims=bad)
+
+
+def test_search_precision_reaches_the_scoring_config() -> None:
+    from o2n_edge.runtime.scoring import ScoringConfig
+
+    prof = with_options(get_profile("lite"), search_precision="int8")
+    assert ScoringConfig.from_profile(prof, ("pool",)).search_precision == "int8"
+    with pytest.raises(ValueError, match="--search-precision"):
+        with_options(get_profile("lite"), search_precision="int4")

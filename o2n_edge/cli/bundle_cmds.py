@@ -17,6 +17,7 @@ from o2n_edge.cli.common import (
     ImageSizeOpt,
     ProfileOpt,
     SearchDimsOpt,
+    SearchPrecisionOpt,
     StatsWeightOpt,
     app,
     fail,
@@ -43,6 +44,7 @@ def export_cmd(
     coreset: Optional[float] = typer.Option(None, "--coreset", help="Keep this fraction of the memory bank (greedy k-center; 1 = whole bank); default: the profile's (lite 0.1; others 1), within --bank-rows."),
     bank_rows: Optional[int] = BankRowsOpt,
     search_dims: Optional[int] = SearchDimsOpt,
+    search_precision: Optional[str] = SearchPrecisionOpt,
     quantile: float = typer.Option(0.99, "--threshold-quantile", help="Threshold = this quantile of held-out good images' scores."),
     trt: bool = typer.Option(False, "--trt", help="Also build TensorRT engines (needs an NVIDIA GPU and o2n-edge[trt])."),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle and redo every export stage."),
@@ -69,6 +71,7 @@ def export_cmd(
             dataset=None if dataset == "auto" else dataset, shots=shots, seed=seed, run_dir=run, runs_dir=runs_dir,
             branches=branches, precision=precision, pool_size=pool_size, coreset_ratio=coreset, bank_rows=bank_rows,
             image_size=image_size, stats_weight=stats_weight, brightness=brightness, search_dims=search_dims,
+            search_precision=search_precision,
             threshold_quantile=quantile, force=force, progress=progress,
             personalize_steps=personalize_steps, distill_steps=distill_steps, base_model=base_model,
             encoder_checkpoint=encoder_checkpoint,
@@ -124,7 +127,8 @@ def _settings_line(m: dict) -> str | None:
             f"aggregation {enc.get('aggregation', '?')}, statistics weight {m.get('scoring', {}).get('stats_weight', 0)}, "
             f"border rings {m.get('scoring', {}).get('border_fraction', 0)}, "
             f"global cosine weight {m.get('scoring', {}).get('global_weight', '?')}, "
-            f"JPEG draft {m.get('decode', {}).get('jpeg_draft', False)}")
+            f"JPEG draft {m.get('decode', {}).get('jpeg_draft', False)}, "
+            f"search {m.get('scoring', {}).get('search_precision', 'float32')} on a CPU")
     return line
 
 

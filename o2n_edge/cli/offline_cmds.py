@@ -16,6 +16,7 @@ from o2n_edge.cli.common import (
     ImageSizeOpt,
     ProfileOpt,
     SearchDimsOpt,
+    SearchPrecisionOpt,
     StatsWeightOpt,
     app,
     fail,
@@ -46,6 +47,7 @@ def eval_cmd(
     coreset: Optional[float] = typer.Option(None, "--coreset", help="Score with this fraction of the memory bank, as an exported bundle does (greedy k-center; 1 = whole bank, up to --bank-rows); default: the profile's (lite 0.1)."),
     bank_rows: Optional[int] = BankRowsOpt,
     search_dims: Optional[int] = SearchDimsOpt,
+    search_precision: Optional[str] = SearchPrecisionOpt,
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result document (per run and mean ± std) to this JSON file."),
     markdown_out: Optional[Path] = typer.Option(None, "--markdown", help="Also write the table as markdown to this file."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars on stderr."),
@@ -62,7 +64,8 @@ def eval_cmd(
         if category is None:
             fail("--category is required (e.g. --category hazelnut), except with --dataset textile")
         prof = with_options(get_profile(profile), image_size=image_size, stats_weight=stats_weight,
-                            bank_rows=bank_rows, brightness=brightness, search_dims=search_dims)
+                            bank_rows=bank_rows, brightness=brightness, search_dims=search_dims,
+                            search_precision=search_precision)
         if coreset is not None and not 0.0 < coreset <= 1.0:
             fail(f"--coreset must be a fraction in (0, 1] (1 = the whole bank), got {coreset}")
         ratio = coreset if coreset is not None else prof.coreset_ratio
