@@ -8,8 +8,8 @@ alike. Writes benchmarks/results/<name>.{json,md}.
 Usage: python -m benchmarks.latency_settings [--settings "v1=lite0:224:1:2-4:3:0:nodraft:head;..."] [--iters 30]
 A setting is label=kind:size:tiles:layers:kernel:stats_weight[:flag...], flags: ``nodraft`` (full
 JPEG decode), ``head`` (the encoder runs its classifier head for the global feature),
-``rowsN`` (bank row budget N), ``pcaN`` (search in N principal axes), ``int8`` (the nearest row
-chosen in int8), ``gainT`` (brightness matching, tolerance T); whatever the setting does not name is the lite profile's.
+``rowsN`` (bank row budget N), ``pcaN`` (search in N principal axes), ``int8`` (the bank searched in
+int8, re-ranked in float32; without it: float32), ``gainT`` (brightness matching, tolerance T); whatever the setting does not name is the lite profile's.
 """
 
 from __future__ import annotations
@@ -27,12 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = (ROOT / ".." / "shared" / "data").resolve()
 RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_SETTINGS = ("v1-like (224 px, no statistics, no draft)=lite0:224:1:2-4:3:0:nodraft:head;"
-                    "v3 default (448 px, classifier head)=lite0:448:1:2-4:3:0.5:head:rows8192;"
-                    "v4 default (448 px)=lite0:448:1:2-4:3:0.5:rows8192:gain0.05;"
-                    "v4, bank budget 4096=lite0:448:1:2-4:3:0.5:rows4096:gain0.05;"
-                    "v4, search in 64 principal axes=lite0:448:1:2-4:3:0.5:rows8192:pca64:gain0.05;"
-                    "v4, budget 2048 + 32 axes=lite0:448:1:2-4:3:0.5:rows2048:pca32:gain0.05;"
-                    "fast (224 px)=lite0:224:1:2-4:3:0.5:gain0.05")
+                    "v4 default (448 px, float32 search)=lite0:448:1:2-4:3:0.5:rows8192:gain0.05;"
+                    "v5 default (448 px, int8 search)=lite0:448:1:2-4:3:0.5:rows8192:gain0.05:int8;"
+                    "fast (224 px, float32 search)=lite0:224:1:2-4:3:0.5:gain0.05;"
+                    "fast (224 px, int8 search)=lite0:224:1:2-4:3:0.5:gain0.05:int8")
 
 
 OVERHEAD = ("decode_jpeg", "preprocess", "postprocess", "encode_answer")  # the per-image work around the models
@@ -47,7 +45,7 @@ def setting_profile(text: str, base: Profile) -> Profile:
                       layers=tuple(int(x) for x in layers.split("-")), aggregation=int(kernel),
                       global_from_head="head" in flags)
     changes: dict = {"encoder": encoder, "stats_weight": float(stats), "jpeg_draft": "nodraft" not in flags,
-                     "brightness_tolerance": None}
+                     "brightness_tolerance": None, "search_precision": "int8" if "int8" in flags else "float32"}
     for f in flags:
         if f.startswith("rows"):
             changes["bank_max_rows"] = int(f[4:])
@@ -55,9 +53,7 @@ def setting_profile(text: str, base: Profile) -> Profile:
             changes["search_dims"] = int(f[3:])
         elif f.startswith("gain"):
             changes["brightness_tolerance"] = float(f[4:] or 0.0)
-        elif f == "int8":
-            changes["search_precision"] = "int8"
-        elif f not in ("nodraft", "head"):
+        elif f not in ("nodraft", "head", "int8"):
             raise ValueError(f"unknown setting flag {f!r}")
     return replace(base, **changes)
 
@@ -94,8 +90,8 @@ def main() -> None:
     ap.add_argument("--settings", default=DEFAULT_SETTINGS)
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--bundles", type=Path, default=ROOT / "bundles" / "latency_settings")
-    ap.add_argument("--name", default="latency_lite_v4")
+    ap.add_argument("--bundles", type=Path, default=ROOT / "bundles" / "latency_v5")
+    ap.add_argument("--name", default="latency_lite_v5")
     args = ap.parse_args()
     from benchmarks.harness import machine_stamp, set_threads
     from o2n_edge.bench.latency import (

@@ -174,6 +174,10 @@ PROFILES: dict[str, Profile] = {
         brightness_tolerance=0.05,
         global_weight=0.0,
         border_fraction=0.15,
+        # The bank searched in int8 on a CPU, 4 candidates re-ranked in float32: same scores to
+        # 0.05 points on every shared set, the search 2x faster (benchmarks/results/
+        # accuracy_lite_v5_int8.md, latency_lite_v5.md); a GPU searches in float32.
+        search_precision="int8",
         # On a CPU the memory bank does the work: no variant of a CPU-sized diffusion transform
         # beat the shots-only bank on two of hazelnut, tire and textile
         # (benchmarks/results/ablation_lite_v2.md), so lite has no diffusion model at all.

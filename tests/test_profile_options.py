@@ -31,6 +31,8 @@ def test_search_dims_and_bank_rows_reach_the_scoring_config() -> None:
 def test_search_precision_reaches_the_scoring_config() -> None:
     from o2n_edge.runtime.scoring import ScoringConfig
 
+    assert get_profile("lite").search_precision == "int8"  # CPU profile: int8 search, re-ranked
+    assert get_profile("sd15").search_precision == "float32"  # GPU profile: exact on the device
     prof = with_options(get_profile("lite"), search_precision="int8")
     assert ScoringConfig.from_profile(prof, ("pool",)).search_precision == "int8"
     with pytest.raises(ValueError, match="--search-precision"):

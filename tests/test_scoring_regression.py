@@ -47,7 +47,7 @@ def _case(stored: dict[str, np.ndarray], case: str):
 
 
 # Scoring keys added after the stored file was written, with the value that changes nothing.
-ADDED_KEYS = {"search_dims": 0, "stats_region_floor": False}
+ADDED_KEYS = {"search_dims": 0, "stats_region_floor": False, "search_precision": "float32"}
 
 
 def _assert_same_numbers(got, want, path: str = "") -> None:

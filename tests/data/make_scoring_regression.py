@@ -112,7 +112,7 @@ def case_config(case: str):
     config = ScoringConfig.from_profile(get_profile(profile), branches)
     # settings added to the profiles after the file was written take their off value: the file
     # pins the maths it was written with; the new settings have their own tests
-    config = replace(config, search_dims=0, stats_region_floor=False)
+    config = replace(config, search_dims=0, stats_region_floor=False, search_precision="float32")
     return replace(config, image_size=size, **overrides)
 
 
