@@ -281,7 +281,10 @@ def fixed_setting(profile: Profile) -> str:
     matching = "" if tol is None else f", brightness kept within the shots' range ±{100 * tol:g}%"
     matching += ", one shot's statistics scaled by its regions" if profile.stats_region_floor else ""
     matching += f", bank searched in {profile.search_dims} principal axes" if profile.search_dims else ""
-    matching += ", nearest row chosen in int8" if profile.search_precision == "int8" else ""
+    if profile.search_precision == "int8":
+        from o2n_edge.runtime.bank_search import INT8_CANDIDATES
+
+        matching += f", bank searched in int8 ({INT8_CANDIDATES} candidates re-ranked in float32)"
     return (f"{name}, border rings {profile.border_fraction:g}, global cosine weight {profile.global_weight:g}"
             f"{matching}")
 

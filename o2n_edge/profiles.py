@@ -174,9 +174,9 @@ PROFILES: dict[str, Profile] = {
         brightness_tolerance=0.05,
         global_weight=0.0,
         border_fraction=0.15,
-        # The bank searched in int8 on a CPU, 4 candidates re-ranked in float32: same scores to
-        # 0.05 points on every shared set, the search 2x faster (benchmarks/results/
-        # accuracy_lite_v5_int8.md, latency_lite_v5.md); a GPU searches in float32.
+        # The bank searched in int8 on a CPU, 4 candidates re-ranked in float32: the same scores
+        # to 0.05 points on every shared set, the search 55 -> 29 ms per image (benchmarks/results/
+        # accuracy_lite_v5_int8.md, int8_search.md); a GPU searches in float32.
         search_precision="int8",
         # On a CPU the memory bank does the work: no variant of a CPU-sized diffusion transform
         # beat the shots-only bank on two of hazelnut, tire and textile

@@ -163,7 +163,7 @@ def test_export_with_hub_ids_merges_the_lcm_lora(offline: Path, tiny_sources: di
     assert verify_bundle(out) == []
     assert "taesd" in CliRunner().invoke(app, ["inspect", str(out)]).output
     # the runtime ran the TAESD graphs (parity vs the torch reference is checked by export itself)
-    assert "runtime vs torch scores" in res.output
+    assert "runtime vs offline scores" in res.output
     # the profile's default LCM-LoRA id, absent from this cache: one line naming the fetch command
     res = CliRunner().invoke(app, [
         "export", "--category", "hazelnut", "--data", str(shared_data / "hazelnut_toy"), "--profile", "sd15",

@@ -86,7 +86,7 @@ def export_cmd(
     for name, entry in m["models"].items():
         typer.echo(f"  {name}: max |onnx - torch| = {max(entry['validation'].values()):.2e} "
                    f"(tolerance {entry['tolerance']:.0e} x max(1, max |torch output|))")
-    typer.echo(f"  runtime vs torch scores: max |diff| = {summary.parity['max_abs']:.2e} on {summary.parity['n']} images")
+    typer.echo(f"  runtime vs offline scores: max |diff| = {summary.parity['max_abs']:.2e} on {summary.parity['n']} images")
     typer.echo("  wall s: " + ", ".join(f"{k} {v:.1f}" for k, v in summary.wall_s.items()))
     if trt:
         _build_engines(summary.bundle, precision)
