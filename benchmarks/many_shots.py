@@ -6,10 +6,11 @@ images still help once the bank is capped, and what building that bank costs.
 
 Per (set, shots): one ``evaluate`` run (lite, pool branch, seed 0) at ``--image-size`` (224 by
 default: 448 px over 5 shot counts x 3 sets does not fit a shared 2-core CPU). Scoring time is
-the eval's own numpy scoring per test image (batches of 16, 1 thread), without the encoder, which
+the eval's own scoring per test image (batches of 16, 1 thread, the profile's bank search), without the encoder, which
 does not depend on the shots. Shot counts above a set's training goods are skipped.
 
 Usage: python -m benchmarks.many_shots [--image-size 224] [--shots 1,4,16,64,all] [--data ../shared/data]
+       [--name many_shots_448]
 """
 
 from __future__ import annotations
@@ -99,8 +100,8 @@ def markdown(doc: dict) -> str:
     lines = [f"# Many shots: accuracy and cost vs good images (lite, pool branch, seed 0, {doc['image_size']} px)", "",
              *stamp_lines(doc["machine"]), "",
              f"Bank budget {doc['bank_max_rows']} rows after the 10% coreset; 'exact' = one greedy over the whole bank, "
-             "'streaming' = per-image coresets then one greedy. Scoring ms = the eval's numpy scoring per test image "
-             "(no encoder).", "",
+             "'streaming' = per-image coresets then one greedy. Scoring ms = the eval's scoring per test image "
+             f"(no encoder), the bank searched in {doc.get('search_precision', 'float32')}.", "",
              "| set | shots | image AUROC | pixel AUROC | bank rows (of) | method | coreset s | scoring ms/image | run s | exact greedy instead: image / pixel AUROC, coreset s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["rows"]:
@@ -120,17 +121,20 @@ def main() -> None:
     ap.add_argument("--compare-exact", action="store_true",
                     help="where the bank was streamed, also run the exact greedy over the whole bank")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--name", default=NAME, help="result file name (e.g. many_shots_448 for --image-size 448)")
     a = ap.parse_args()
     from o2n_edge.profiles import get_profile
 
-    doc = {"machine": machine_stamp(1), "image_size": a.image_size, "bank_max_rows": get_profile("lite").bank_max_rows}
+    lite = get_profile("lite")
+    doc = {"machine": machine_stamp(1), "image_size": a.image_size, "bank_max_rows": lite.bank_max_rows,
+           "search_precision": lite.search_precision}
 
     def save(rows: list[dict]) -> None:  # after every row: a long run keeps what it measured
         doc["rows"] = rows
-        write_result(a.out, NAME, doc, markdown(doc))
+        write_result(a.out, a.name, doc, markdown(doc))
 
     run(a.data, a.image_size, [s.strip() for s in a.shots.split(",")], a.sets.split(","), a.compare_exact, save)
-    print(a.out / f"{NAME}.md")
+    print(a.out / f"{a.name}.md")
 
 
 if __name__ == "__main__":
