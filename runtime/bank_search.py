@@ -24,7 +24,7 @@ GRAPH_PATH = Path(__file__).resolve().parent / "static" / "bank_search.onnx"
 INT8_GRAPH_PATH = GRAPH_PATH.with_name("bank_search_int8.onnx")
 INT8_CHUNK = 128  # query rows per call: the int32 products of a chunk stay in cache for the TopK
 # Rows the int8 product proposes per query, re-ranked in float32: on tire's features the exact
-# nearest row is among 4 for 99.9% of queries (92% among 1), at 6 ms more than 1 per image
+# nearest row is among 4 for 99.97% of patches, among 1 for 92% (benchmarks/results/int8_search.md)
 INT8_CANDIDATES = 4
 QUERY_LEVELS = 127  # queries in [-127, 127] (uint8 with zero point 128)
 BANK_LEVELS = 63  # bank values in [-63, 63]: u8 x s8 pair sums fit int16 (see Int8BankSearch)
@@ -107,9 +107,9 @@ class Int8BankSearch:
     ``B = round(b / sb)`` in [-63, 63], and each row's ``H = |b|^2 / (2 sq sb)`` spread over a few
     extra bank columns: coarse ones against a constant query column of 127, one fine column
     against a constant 1, so ``H`` is carried to half a unit. Its largest values mark the nearest
-    rows of ``|q - b|^2 = |q|^2 - 2 sq sb (Q . B - H)``. Every bank value stays within 63 so that a pair
-    of u8 x s8 products never overflows 16 bits: CPUs without VNNI (AVX2) add pairs in int16,
-    and the product is then exact there too. Both scales come from the bank's largest magnitude,
+    rows of ``|q - b|^2 = |q|^2 - 2 sq sb (Q . B - H)``. Every bank value stays within 63 so that
+    a pair of u8 x s8 products never overflows 16 bits: CPUs without VNNI (AVX2) add pairs in
+    int16, and the product is then exact there too. Both scales come from the bank's largest magnitude,
     so every place that loads the bank quantizes it alike and no bundle carries int8 data.
     """
 
@@ -209,5 +209,5 @@ class ProjectedSearch:
         return self.inner(self.project(queries))
 
 
-__all__ = ["GRAPH_PATH", "INT8_CANDIDATES", "INT8_GRAPH_PATH", "Int8BankSearch", "NearestSearch", "NumpyBankSearch", "OrtBankSearch",
-           "ProjectedSearch", "augmented_bank", "principal_axes"]
+__all__ = ["GRAPH_PATH", "INT8_CANDIDATES", "INT8_GRAPH_PATH", "Int8BankSearch", "NearestSearch", "NumpyBankSearch",
+           "OrtBankSearch", "ProjectedSearch", "augmented_bank", "principal_axes"]
