@@ -55,9 +55,9 @@ class SessionOptions:
     graph_optimization: str = "all"  # disable | basic | extended | all
     enable_mem_arena: bool = True
     provider_options: dict[str, dict] = field(default_factory=dict)
-    # auto: numpy's BLAS on the CPU backend (2x the ORT graph's speed on a 7.5k-row bank, measured
-    # as docs/decisions/latency.md reports), the ORT graph on a GPU provider (bank on the device)
-    # | onnxruntime | numpy
+    # auto: on the CPU backend the bundle's search (int8: an onnxruntime graph; float32: numpy's
+    # BLAS, twice the float32 graph's speed, docs/decisions/latency.md), on a GPU provider the
+    # float32 graph with the bank on the device | onnxruntime | numpy (float32, no session)
     bank_search: str = "auto"
 
 
@@ -177,12 +177,14 @@ class OrtPipeline:
         """The memory-bank search on this pipeline's provider (TensorRT backends: its CUDA EP),
         in the bank's principal axes where the bundle's scoring says so."""
         kind = self.options.bank_search
-        if kind == "auto":
-            kind = "numpy" if self.options.backend == "cpu" else "onnxruntime"
-        if kind not in ("numpy", "onnxruntime"):
+        if kind not in ("auto", "numpy", "onnxruntime"):
             raise ValueError(f"unknown bank_search {kind!r}: choose auto, onnxruntime or numpy")
-        # int8 is the CPU's search; a GPU searches the float32 bank exactly, on the device
-        params = self.params if self.options.backend == "cpu" else replace(self.params, search_precision="float32")
+        # the bundle's int8 search is the CPU's, on onnxruntime; a GPU searches the float32 bank
+        # exactly on the device, and an explicit numpy search (no onnxruntime session) is float32
+        on_cpu = self.options.backend == "cpu"
+        params = self.params if on_cpu and kind != "numpy" else replace(self.params, search_precision="float32")
+        if kind == "auto":
+            kind = "numpy" if on_cpu else "onnxruntime"
         if kind == "numpy":
             return bank_search_for(params, bank, NumpyBankSearch, self.options.intra_op_threads)
         backend = "cuda" if self.options.backend in ("tensorrt", "trt-native") else self.options.backend

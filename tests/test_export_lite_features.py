@@ -32,7 +32,7 @@ def tiled_bundle(shared_data: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_tiled_stats_bundle_matches_reference(tiled_bundle, shared_data: Path) -> None:
-    from o2n_edge.runtime.bank_search import Int8BankSearch, OrtBankSearch
+    from o2n_edge.runtime.bank_search import Int8BankSearch, NumpyBankSearch, OrtBankSearch
     from o2n_edge.runtime.pipeline import OrtPipeline, SessionOptions
 
     m = tiled_bundle.manifest
@@ -50,6 +50,9 @@ def test_tiled_stats_bundle_matches_reference(tiled_bundle, shared_data: Path) -
     # a GPU backend searches the float32 bank exactly on the device (here: its CPU fallback)
     gpu = OrtPipeline(tiled_bundle.bundle, SessionOptions(backend="cuda"))
     assert isinstance(gpu.scorer.search, OrtBankSearch)
+    # an explicit numpy search (Triton's BLS model: no onnxruntime session) is the exact float32 one
+    plain = OrtPipeline(tiled_bundle.bundle, SessionOptions(bank_search="numpy"))
+    assert isinstance(plain.scorer.search, NumpyBankSearch)
     jpg = sorted((shared_data / "hazelnut_toy" / "hazelnut" / "test" / "colour").glob("*.jpg"))[0]
     img = pipe.decode(jpg.read_bytes(), jpg.name)
     assert img.shape == (256, 256, 3)  # 512 px decoded at 1/2 (1/4 = 128 would not cover 160)
