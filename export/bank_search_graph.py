@@ -19,10 +19,10 @@ Output: ``nearest`` (N,) int64.
 The int8 search (``scoring.search_precision = "int8"``, CPU) is a second graph,
 ``runtime/static/bank_search_int8.onnx``: MatMulInteger -> TopK over uint8 query rows (zero
 point 128) and an int8 bank whose product is the quantized ``q.b - |b|^2 / 2``; it returns each
-query's ``k`` best candidate rows (``k`` an input), which the runtime re-ranks in float32. Its bank must be
-a constant for onnxruntime to pre-pack it once (as an input it is re-packed on every call, twice
-the time), so the graph holds a 1x1 placeholder initializer ``bank_q`` that the runtime replaces
-with the bundle's bank through ``SessionOptions.add_initializer``.
+query's ``k`` best candidate rows (``k`` an input), which the runtime re-ranks in float32. Its
+bank must be a constant for onnxruntime to pre-pack it once (as an input it is re-packed on
+every call, twice the time), so the graph holds a 1x1 placeholder initializer ``bank_q`` that
+the runtime replaces with the bundle's bank through ``SessionOptions.add_initializer``.
 """
 
 from __future__ import annotations

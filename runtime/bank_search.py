@@ -109,8 +109,8 @@ class Int8BankSearch:
     against a constant 1, so ``H`` is carried to half a unit. Its largest values mark the nearest
     rows of ``|q - b|^2 = |q|^2 - 2 sq sb (Q . B - H)``. Every bank value stays within 63 so that
     a pair of u8 x s8 products never overflows 16 bits: CPUs without VNNI (AVX2) add pairs in
-    int16, and the product is then exact there too. Both scales come from the bank's largest magnitude,
-    so every place that loads the bank quantizes it alike and no bundle carries int8 data.
+    int16, and the product is then exact there too. Both scales come from the bank's largest
+    magnitude, so every place that loads the bank quantizes it alike and no bundle carries int8 data.
     """
 
     name = "onnxruntime int8"
